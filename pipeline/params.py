@@ -1,0 +1,205 @@
+"""The one typed schema of params.yaml, and its only reader (`load_params`).
+
+Every model forbids unknown keys and is frozen, so a misspelled key or a wrong type fails before any work, with the
+dotted path of the offending key. Defaults live here and nowhere else; setemb never sees these objects (stages pass
+``model_dump()`` dicts to setemb constructors).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ParamsError(ValueError):
+    """params.yaml is missing, unreadable or invalid; the message has one line per problem."""
+
+
+# --------------------------------------------------------------------------------------------------------- paths
+class PathsParams(_Strict):
+    """Every artifact path, defined once; dvc.yaml interpolates ``${paths.*}`` into stage options."""
+
+    shapes: str = "data/shapes"
+    dataset_json: str = "data/shapes/dataset.json"
+    image_root: str = "data/shapes/images"
+    relevance: str = Field("data/shapes/relevance.json", description="exhaustive relevance file; \"\" = none")
+    precomp_root: str | None = None
+    features: str = "artifacts/features.zarr"
+    training: str = "artifacts/training"
+    model: str = "artifacts/model"
+    embeddings: str = "artifacts/embeddings.zarr"
+    metrics: str = "metrics.json"
+    plots: str = "plots"
+    dvclive: str = "dvclive"
+
+
+# ------------------------------------------------------------------------------------------------------- prepare
+class PrepareParams(_Strict):
+    """The embedded `shapes` dataset (Karpathy JSON + images), generated deterministically from the seed."""
+
+    profile: Literal["demo", "study", "tiny"] = "demo"
+    image_size: int = Field(128, ge=32, le=1024)
+    train_images: int | None = Field(None, gt=0)
+    val_images: int | None = Field(None, gt=0)
+    test_images: int | None = Field(None, gt=0)
+
+
+# ------------------------------------------------------------------------------------------------------- extract
+class GloveParams(_Strict):
+    vectors: str | None = None
+    min_count: int = Field(1, ge=1)
+
+
+class ExtractParams(_Strict):
+    """Frozen backbones -> Zarr feature cache."""
+
+    source: Literal["karpathy", "precomp"] = "karpathy"
+    image_backbone: Literal["efficientnet_lite0", "resnet152", "resnext101", "precomputed"] = "efficientnet_lite0"
+    text_backbone: Literal["minilm", "bert", "glove"] = "minilm"
+    image_weights: str | None = None
+    text_weights: str | None = None
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
+    dtype: Literal["float16", "float32"] = "float16"
+    batch_size: int = Field(32, gt=0)
+    items_per_unit: int = Field(256, gt=0)
+    workers: int = Field(0, ge=0, description="parallel extraction tasks; 0 = one per CPU core")
+    on_bad_image: Literal["fail", "skip"] = "fail"
+    captions_per_image: int = Field(5, gt=0)
+    glove: GloveParams = Field(default_factory=GloveParams)
+
+    @model_validator(mode="after")
+    def _precomputed_pairs_with_precomp(self) -> ExtractParams:
+        if (self.image_backbone == "precomputed") != (self.source == "precomp"):
+            raise ValueError(
+                f"extract.image_backbone={self.image_backbone!r} needs extract.source="
+                f"{'precomp' if self.image_backbone == 'precomputed' else 'karpathy'!r}, got {self.source!r}"
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------------- train
+class ModelParams(_Strict):
+    """Keyword arguments of ``setemb.model.create_model``."""
+
+    embed_dim: int = Field(1024, gt=0)
+    num_embeddings: int = Field(4, gt=0, le=64)
+    text_num_embeddings: int | None = Field(None, gt=0, le=64)
+    head: Literal["slot", "transformer", "pienet", "probabilistic", "single_vector"] = "slot"
+    head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    image_encoder: Literal["grid", "region"] = "grid"
+    image_encoder_kwargs: dict[str, Any] = Field(default_factory=dict)
+    text_encoder: Literal["token", "bigru"] = "token"
+    text_encoder_kwargs: dict[str, Any] = Field(default_factory=dict)
+    token_drop: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class LossParams(_Strict):
+    """Keyword arguments of ``setemb.losses.create_loss`` (``name`` picks the loss)."""
+
+    name: Literal["triplet", "pcme"] = "triplet"
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimParams(_Strict):
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    epochs: int = Field(10, gt=0)
+    warmup_epochs: float = Field(0.5, ge=0)
+    head_lr_scale: float = Field(1.0, gt=0)
+    encoder_lr_scale: float = Field(1.0, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    amp: bool = True
+    no_mining_epochs: int = Field(0, ge=0, description="epochs of triplet loss over all negatives (warm-up)")
+
+
+class RayParams(_Strict):
+    num_workers: int = Field(2, ge=0, description="Ray Train workers; 0 runs the loop in-process (local mode)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1)
+    address: str | None = None
+
+
+class TrainParams(_Strict):
+    images_per_batch: int = Field(128, gt=1)
+    model: ModelParams = Field(default_factory=ModelParams)
+    loss: LossParams = Field(default_factory=LossParams)
+    optim: OptimParams = Field(default_factory=OptimParams)
+    ray: RayParams = Field(default_factory=RayParams)
+    eval_block_size: int = Field(256, gt=0)
+    limit_batches: int | None = Field(None, gt=0, description="stop each epoch after N batches (smoke tests)")
+
+
+# --------------------------------------------------------------------------------------------- embed / evaluate
+class EmbedParams(_Strict):
+    splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["test"])
+    batch_size: int = Field(256, gt=0)
+    save_attention: bool = True
+
+
+class EvaluateParams(_Strict):
+    split: Literal["val", "test"] = "test"
+    protocol: Literal["auto", "full", "five_fold_1k"] = "auto"
+    similarity: str | None = Field(None, description="override the trained similarity (e.g. chamfer); null = as trained")
+    similarity_kwargs: dict[str, Any] = Field(default_factory=dict)
+    block_size: int = Field(256, gt=0)
+    image_elements: list[int] | None = Field(None, description="evaluate with a subset of image set elements (Table 5)")
+    text_elements: list[int] | None = None
+    recall_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+
+    @field_validator("recall_ks")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(k <= 0 for k in v):
+            raise ValueError(f"recall_ks must be positive integers, got {v}")
+        return sorted(set(v))
+
+
+# ---------------------------------------------------------------------------------------------------------- root
+class Params(_Strict):
+    seed: int = 0
+    paths: PathsParams = Field(default_factory=PathsParams)
+    prepare: PrepareParams = Field(default_factory=PrepareParams)
+    extract: ExtractParams = Field(default_factory=ExtractParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    embed: EmbedParams = Field(default_factory=EmbedParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+
+def format_validation_error(err: ValidationError) -> str:
+    """One line per problem: ``train.optim.lr: Input should be greater than 0 (got -1)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        got = f" (got {e['input']!r})" if e["type"] != "missing" and not isinstance(e["input"], dict) else ""
+        lines.append(f"{loc}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    """Read and validate params.yaml; the only reader of that file.
+
+    Raises:
+        ParamsError: missing file, YAML syntax error, or schema violations (one line per dotted key).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"no params file at {path}; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path} must hold a mapping at the top level, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise ParamsError(f"invalid {path}:\n{format_validation_error(e)}") from None
