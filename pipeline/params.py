@@ -46,7 +46,7 @@ class PrepareParams(_Strict):
     """The embedded `shapes` dataset (Karpathy JSON + images), generated deterministically from the seed."""
 
     profile: Literal["demo", "study", "tiny"] = "demo"
-    image_size: int = Field(128, ge=32, le=1024)
+    image_size: int | None = Field(None, ge=32, le=1024)
     train_images: int | None = Field(None, gt=0)
     val_images: int | None = Field(None, gt=0)
     test_images: int | None = Field(None, gt=0)
@@ -148,7 +148,7 @@ class EmbedParams(_Strict):
 class EvaluateParams(_Strict):
     split: Literal["val", "test"] = "test"
     protocol: Literal["auto", "full", "five_fold_1k"] = "auto"
-    similarity: str | None = Field(None, description="override the trained similarity (e.g. chamfer); null = as trained")
+    similarity: str | None = Field(None, description="override the trained similarity; null = as trained")
     similarity_kwargs: dict[str, Any] = Field(default_factory=dict)
     block_size: int = Field(256, gt=0)
     image_elements: list[int] | None = Field(None, description="evaluate with a subset of image set elements (Table 5)")

@@ -55,6 +55,7 @@ DATASET_JSON, RELEVANCE_JSON, GENERATION_JSON, IMAGE_DIR = "dataset.json", "rele
 SHAPES_PROFILES: dict[str, dict[str, int]] = {
     "demo": {"train_images": 2000, "val_images": 250, "test_images": 250, "image_size": 128},
     "study": {"train_images": 8000, "val_images": 1000, "test_images": 1000, "image_size": 128},
+    "tiny": {"train_images": 48, "val_images": 16, "test_images": 16, "image_size": 64},  # tests and smoke runs
 }
 
 _SINGLE = ("{a} {o1}", "there is {a} {o1}", "{a} {o1} on a textured background", "a picture containing {a} {o1}")

@@ -1,0 +1,44 @@
+"""Generate the embedded `shapes` dataset (Karpathy JSON + images + exhaustive relevance) from params."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from pipeline.cli import call, start_stage
+from pipeline.params import Params
+
+logger = logging.getLogger("setemb.stage.prepare")
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def run_prepare(params: Params, out: Path) -> Path:
+    """Write the dataset to ``out``; a no-op when ``out`` already holds the same generation."""
+    from pipeline.shapes import SHAPES_PROFILES, generate_shapes
+
+    sizes = dict(SHAPES_PROFILES[params.prepare.profile])
+    for key in ("train_images", "val_images", "test_images", "image_size"):
+        value = getattr(params.prepare, key)
+        if value is not None:
+            sizes[key] = value
+    logger.info("shapes profile %s: %s", params.prepare.profile, sizes)
+    return generate_shapes(out, seed=params.seed, **sizes)
+
+
+@app.command()
+def main(
+    params_path: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read"),
+    out: Path = typer.Option(Path("data/shapes"), "--out", help="output folder (paths.shapes)"),
+    quiet: bool = typer.Option(False, "--quiet", help="warnings only"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+) -> None:
+    """Generate the embedded `shapes` dataset in the Karpathy JSON + image-folder format."""
+    params = start_stage("prepare", params_path, quiet=quiet, debug=debug)
+    path = call(run_prepare, params, out, debug=debug)
+    typer.echo(f"shapes dataset at {path}")
+
+
+if __name__ == "__main__":
+    app()
