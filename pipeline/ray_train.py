@@ -1,0 +1,593 @@
+"""Ray Train wiring around ``setemb.training`` (the only module that knows Ray Train; PLATFORM §5, Train V2).
+
+``run_training`` starts (or attaches to) Ray and runs a ``TorchTrainer`` whose workers each open the feature store
+themselves, train with DDP over gloo (CPU) or NCCL (GPU), and report once per epoch. Rank 0 validates on ``val``,
+writes the checkpoint (model, loss, optimizer, scheduler, grad scaler, epoch, best RSUM, history, resolved config),
+logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray.
+
+Checkpoint / export directory layout (``load_model`` reads either)::
+
+    model.pt        state dict of the unwrapped SetEmbeddingModel
+    loss.pt         state dict of the loss module (PCME's learnt scale / shift)
+    config.json     {"model": create_model kwargs (feature dims resolved), "loss": {"name", "kwargs"},
+                     "similarity": {"name", "kwargs"}, "train": TrainParams JSON, "seed", "captions_per_image",
+                     "epoch", "val_rsum", "features": {"image": {...}, "text": {...}}}
+    optimizer.pt, scheduler.pt, scaler.pt, state.json   (checkpoints only: what resuming needs)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.params import Params, TrainParams
+from setemb.losses import create_loss
+from setemb.model import create_model, param_groups
+from setemb.store import FeatureStore, ModalityFeatures
+from setemb.training import (
+    CaptionIndex,
+    FeatureTable,
+    ImageCaptionBatches,
+    make_batch,
+    train_one_epoch,
+    validate,
+    warmup_cosine_schedule,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE, LOSS_FILE, CONFIG_FILE = "model.pt", "loss.pt", "config.json"
+STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE = "state.json", "optimizer.pt", "scheduler.pt", "scaler.pt"
+HISTORY_FILE = "history.json"
+SCORE_METRIC = "val_rsum"
+LOG_EVERY = 20
+
+
+@dataclass
+class TrainResult:
+    """What a training run left behind.
+
+    Attributes:
+        best_model: plain export directory of the best model (``load_model`` reads it).
+        best_checkpoint: Ray checkpoint directory of the best epoch (None in local mode: Ray does not persist them).
+        best_rsum: best validation RSUM, None without a ``val`` split (then the best model is the last one).
+        metrics: the last epoch's reported metrics.
+        history: every epoch's metrics, in order (resumed runs included).
+    """
+
+    best_model: Path
+    best_checkpoint: Path | None
+    best_rsum: float | None
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ------------------------------------------------------------------------------------------------ features / model
+def feature_table(features: ModalityFeatures) -> FeatureTable:
+    """A ``FeatureTable`` from an in-memory ``ModalityFeatures`` (``load_to_memory()``)."""
+    if not features.in_memory:
+        features = features.load_to_memory()
+    # ModalityFeatures exposes no public accessor for the compacted local rows; read its in-memory array.
+    local = features._arrays["local"]
+    return FeatureTable(local, features.starts, features.lengths, features.global_features)
+
+
+def resolve_model_kwargs(
+    model: dict[str, Any], image_attrs: dict[str, Any], text_attrs: dict[str, Any]
+) -> dict[str, Any]:
+    """``create_model`` kwargs from ``TrainParams.model`` plus the input dims the feature store knows.
+
+    Sets (unless given) ``image_encoder_kwargs.input_dim`` = image ``local_dim`` and, for text,
+    ``text_encoder_kwargs.input_dim`` = text ``local_dim`` or, for ``bigru``, ``vocab_size`` from the store attrs.
+
+    Raises:
+        ValueError: a needed dim is neither in the params nor in the store.
+    """
+    kwargs = json.loads(json.dumps(model))  # deep copy of plain data
+    image_kw, text_kw = kwargs.setdefault("image_encoder_kwargs", {}), kwargs.setdefault("text_encoder_kwargs", {})
+    if image_attrs.get("local_dim") is None and "input_dim" not in image_kw:
+        raise ValueError(
+            "image features have no local_dim (token ids?); set train.model.image_encoder_kwargs.input_dim"
+        )
+    image_kw.setdefault("input_dim", image_attrs.get("local_dim"))
+    if kwargs.get("text_encoder") == "bigru":
+        if "vocab_size" not in text_kw:
+            if text_attrs.get("vocab_size") is None:
+                raise ValueError(
+                    "the bigru text encoder needs a vocabulary size: the feature store's text attrs have no "
+                    "vocab_size; set train.model.text_encoder_kwargs.vocab_size"
+                )
+            text_kw["vocab_size"] = int(text_attrs["vocab_size"])
+    elif "input_dim" not in text_kw:
+        if text_attrs.get("local_dim") is None:
+            raise ValueError(
+                f"text features are token ids but train.model.text_encoder={kwargs.get('text_encoder')!r} expects "
+                "feature rows; use text_encoder 'bigru' or re-extract with a transformer text backbone"
+            )
+        text_kw["input_dim"] = int(text_attrs["local_dim"])
+    return kwargs
+
+
+def _feature_summary(attrs: dict[str, Any]) -> dict[str, Any]:
+    keys = ("backbone", "local_dim", "global_dim", "local_dtype", "grid", "max_tokens", "vocab_size")
+    return {k: attrs.get(k) for k in keys if k in attrs}
+
+
+def build_loss(train: TrainParams) -> torch.nn.Module:
+    """The loss module of ``train.loss``."""
+    return create_loss(train.loss.name, **train.loss.kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- export / reload
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=float))
+    os.replace(tmp, path)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move the finished directory ``src`` to ``dst``, replacing it (never leaves ``dst`` half-written)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    old = dst.with_name(dst.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Copy the model of a checkpoint (``model.pt``, ``loss.pt``, ``config.json``) to a plain directory.
+
+    Returns:
+        ``out_dir``; ``load_model(out_dir)`` rebuilds the model without Ray.
+    """
+    src, out = Path(checkpoint_dir), Path(out_dir)
+    missing = [f for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE) if not (src / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{src} is not a setemb checkpoint: missing {missing}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
+        shutil.copy2(src / f, staging / f)
+    _replace_dir(staging, out)
+    return out
+
+
+def _load_strict(module: torch.nn.Module, state: dict[str, Any], what: str, where: Path) -> None:
+    """``load_state_dict(strict=True)`` with missing / unexpected keys and shape mismatches spelled out."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"{where} does not match the {what} rebuilt from its config.json:\n"
+            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {shapes}"
+        )
+    module.load_state_dict(state, strict=True)
+
+
+def load_model(
+    model_dir: str | os.PathLike, device: torch.device | str = "cpu"
+) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
+    """Rebuild ``(model, loss_fn, config)`` from an export (or a checkpoint) directory, strictly; eval mode.
+
+    Raises:
+        FileNotFoundError: a file is missing. ValueError: the weights do not fit the config (keys listed).
+    """
+    model_dir = Path(model_dir)
+    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
+        if not (model_dir / f).is_file():
+            raise FileNotFoundError(f"no {f} in {model_dir}; train first (`dvc repro train`) or pass a model directory")
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    model = create_model(**config["model"])
+    loss_fn = create_loss(config["loss"]["name"], **config["loss"]["kwargs"])
+    _load_strict(model, torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True), "model", model_dir)
+    _load_strict(loss_fn, torch.load(model_dir / LOSS_FILE, map_location="cpu", weights_only=True), "loss", model_dir)
+    return model.to(device).eval(), loss_fn.to(device).eval(), config
+
+
+# ------------------------------------------------------------------------------------------------ worker helpers
+def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """Torch RNG seed of one (epoch, rank): token drop and dropout replay exactly after a resume."""
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _save_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler, config, state) -> None:
+    torch.save(model.state_dict(), directory / MODEL_FILE)
+    torch.save(loss_fn.state_dict(), directory / LOSS_FILE)
+    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
+    torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
+    torch.save(scaler.state_dict(), directory / SCALER_FILE)
+    _write_json(directory / CONFIG_FILE, config)
+    _write_json(directory / STATE_FILE, state)
+
+
+def _load_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler) -> dict[str, Any]:
+    def load(name: str) -> Any:
+        return torch.load(directory / name, map_location="cpu", weights_only=True)
+
+    _load_strict(model, load(MODEL_FILE), "model", directory)
+    _load_strict(loss_fn, load(LOSS_FILE), "loss", directory)
+    optimizer.load_state_dict(load(OPTIMIZER_FILE))
+    scheduler.load_state_dict(load(SCHEDULER_FILE))
+    scaler.load_state_dict(load(SCALER_FILE))
+    return json.loads((directory / STATE_FILE).read_text())
+
+
+def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
+    """All-reduce (mean) the gradients of the loss's own parameters, which DDP does not own (PCME's a, b)."""
+    if world_size <= 1 or not params:
+        return None
+    import torch.distributed as dist
+
+    def sync() -> None:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])  # [n_loss_params]
+        dist.all_reduce(flat)
+        flat /= world_size
+        offset = 0
+        for p in params:
+            n = p.numel()
+            p.grad = flat[offset : offset + n].view_as(p).clone()
+            offset += n
+
+    return sync
+
+
+class _Progress:
+    """tqdm bar of one epoch on stderr (rank 0, TTY only), fed by ``train_one_epoch``'s progress callback."""
+
+    def __init__(self, total: int, epoch: int, enabled: bool) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"Train Epoch {epoch}", file=sys.stderr, leave=False)
+
+    def __call__(self, steps: int, means: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(steps - self.bar.n)
+            self.bar.set_postfix(loss=f"{means['loss']:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _open_live(directory: str | None, resume: bool):
+    if directory is None:
+        return None
+    from dvclive import Live
+
+    return Live(directory, dvcyaml=False, save_dvc_exp=False, resume=resume, report=None)
+
+
+# ------------------------------------------------------------------------------------------------ the worker loop
+def _split_tables(store: FeatureStore, split: str) -> tuple[FeatureTable, FeatureTable, np.ndarray, Any]:
+    """(image table, text table, caption_to_image, in-memory SplitFeatures) of one split, read into RAM."""
+    features = store[split].load_to_memory()
+    return feature_table(features.image), feature_table(features.text), features.caption_to_image, features
+
+
+def _optimization(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, train: TrainParams, steps_per_epoch: int, device: torch.device
+):
+    """AdamW over ``param_groups`` + the loss's parameters (no weight decay), warm-up + cosine, grad scaler (M§5)."""
+    optim = train.optim
+    loss_params = [p for p in loss_fn.parameters() if p.requires_grad]
+    groups = param_groups(model, optim.lr, optim.head_lr_scale, optim.encoder_lr_scale, weight_decay=optim.weight_decay)
+    if loss_params:
+        groups.append({"name": "loss", "params": loss_params, "lr": optim.lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+    total_steps = optim.epochs * steps_per_epoch
+    warmup_steps = min(total_steps, round(optim.warmup_epochs * steps_per_epoch))
+    scheduler = warmup_cosine_schedule(optimizer, warmup_steps, total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=optim.amp and device.type == "cuda")
+    return optimizer, scheduler, scaler, loss_params
+
+
+def _log_live(live: Any, epoch: int, metrics: dict[str, Any]) -> None:
+    if live is None:
+        return
+    live.step = epoch  # exact even if a crash fell between logging and the checkpoint
+    for key, value in metrics.items():
+        if key != "epoch" and isinstance(value, int | float):
+            live.log_metric(key, value)
+    live.next_step()
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: load features, build model + loss, train every remaining epoch, report each one.
+
+    Config keys (plain JSON, built by ``run_training``): ``train`` (``TrainParams`` JSON, validated again here),
+    ``features`` (store path), ``seed``, ``captions_per_image``, ``resume_from`` (checkpoint dir or None),
+    ``best_model_dir``, ``run_dir`` (absolute; history.json goes there), ``local_state_dir`` (local mode: where the
+    latest checkpoint is kept, since Ray does not persist it), ``dvclive_dir`` (or None), ``stop_after_epochs``
+    (or None: train only up to that many epochs in this run; the schedule still spans ``optim.epochs``), ``quiet``.
+    """
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    train = TrainParams.model_validate(config["train"])
+    optim, seed = train.optim, int(config["seed"])
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # every worker reads the store itself: nothing big travels through the driver
+    store = FeatureStore.open(config["features"])
+    image_table, text_table, caption_to_image, train_split = _split_tables(store, "train")
+    caption_index = CaptionIndex(caption_to_image, len(image_table))
+    val = _split_tables(store, "val")[:3] if rank == 0 and "val" in store.splits else None
+
+    torch.manual_seed(seed)
+    image_attrs, text_attrs = train_split.image.attrs, train_split.text.attrs
+    model = create_model(**resolve_model_kwargs(train.model.model_dump(mode="json"), image_attrs, text_attrs))
+    model = model.to(device)
+    loss_fn = build_loss(train).to(device)
+    if optim.no_mining_epochs > 0 and not hasattr(loss_fn, "set_hardest_negatives"):
+        raise ValueError(f"train.optim.no_mining_epochs > 0 needs a triplet loss, got loss {train.loss.name!r}")
+    saved_config = {
+        "model": model.config,
+        "loss": {"name": train.loss.name, "kwargs": train.loss.kwargs},
+        "train": train.model_dump(mode="json"),
+        "seed": seed,
+        "captions_per_image": config["captions_per_image"],
+        "features": {
+            "path": config["features"],
+            "image": _feature_summary(image_attrs),
+            "text": _feature_summary(text_attrs),
+        },
+    }
+
+    def sampler(epoch: int) -> ImageCaptionBatches:
+        return ImageCaptionBatches(
+            len(image_table),
+            train.images_per_batch,
+            seed=seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world_size,
+            drop_last=False,
+        )
+
+    steps_per_epoch = min(len(sampler(0)), train.limit_batches or len(sampler(0)))
+    optimizer, scheduler, scaler, loss_params = _optimization(model, loss_fn, train, steps_per_epoch, device)
+    objects = {"model": model, "loss_fn": loss_fn, "optimizer": optimizer, "scheduler": scheduler, "scaler": scaler}
+
+    state: dict[str, Any] = {"epoch": -1, "best_rsum": None, "best_epoch": None, "history": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # Ray's restart after a failure, or a resumed run (same name and storage)
+        with checkpoint.as_directory() as d:
+            state = _load_checkpoint(Path(d), **objects)
+    elif config.get("resume_from"):
+        state = _load_checkpoint(Path(config["resume_from"]), **objects)
+    start_epoch = int(state["epoch"]) + 1
+    if rank == 0 and start_epoch > 0:
+        logger.info("resuming at epoch %d (best val RSUM so far %s)", start_epoch, state["best_rsum"])
+
+    ddp_model = ray.train.torch.prepare_model(model)
+    after_backward = _loss_grad_sync(loss_params, world_size)
+    stop = optim.epochs if config.get("stop_after_epochs") is None else min(optim.epochs, config["stop_after_epochs"])
+    live = _open_live(config.get("dvclive_dir"), resume=start_epoch > 0) if rank == 0 else None
+    show_bar = rank == 0 and not config.get("quiet") and sys.stderr.isatty()
+    run_dir = Path(config["run_dir"])
+
+    for epoch in range(start_epoch, stop):
+        if optim.no_mining_epochs > 0:
+            loss_fn.set_hardest_negatives(epoch >= optim.no_mining_epochs)
+        torch.manual_seed(_epoch_seed(seed, epoch, rank))  # token drop / dropout replay exactly after a resume
+        batches = (
+            make_batch(image_table, text_table, caption_index, images)
+            for images in islice(sampler(epoch), steps_per_epoch)
+        )
+        progress = _Progress(steps_per_epoch, epoch, show_bar)
+        start = time.perf_counter()
+        try:
+            losses = train_one_epoch(
+                ddp_model,
+                loss_fn,
+                optimizer,
+                batches,
+                scheduler=scheduler,
+                grad_clip=optim.grad_clip,
+                amp=optim.amp,
+                device=device,
+                epoch=epoch,
+                log_every=LOG_EVERY,
+                progress=progress,
+                after_backward=after_backward,
+                scaler=scaler,
+            )
+        finally:
+            progress.close()
+        metrics: dict[str, Any] = {"epoch": epoch, **{f"train_{k}": v for k, v in losses.items()}}
+        metrics["lr"] = scheduler.get_last_lr()[0]  # of the first parameter group
+        metrics["epoch_time_s"] = time.perf_counter() - start
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)
+            continue
+
+        improved = True  # without a val split the last model is the one exported
+        if val is not None:
+            results = validate(
+                model,
+                *val,
+                similarity=loss_fn.similarity_name,
+                similarity_kwargs=loss_fn.similarity_kwargs(),
+                block_size=train.eval_block_size,
+                captions_per_image=config["captions_per_image"],
+                batch_size=train.eval_block_size,
+                device=device,
+            )
+            metrics.update({f"val_{k}": v for k, v in results.items()})
+            improved = state["best_rsum"] is None or results["rsum"] > state["best_rsum"]
+            if improved:
+                state["best_rsum"], state["best_epoch"] = results["rsum"], epoch
+            metrics["best_val_rsum"] = state["best_rsum"]
+        state = {**state, "epoch": epoch, "history": [*state["history"], metrics]}
+        similarity = {"name": loss_fn.similarity_name, "kwargs": loss_fn.similarity_kwargs()}
+        ckpt_config = {**saved_config, "similarity": similarity, "epoch": epoch, "val_rsum": metrics.get("val_rsum")}
+        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        _log_live(live, epoch, metrics)
+        _write_json(run_dir / HISTORY_FILE, state["history"])
+        with tempfile.TemporaryDirectory(prefix="setemb-ckpt-") as tmp:
+            _save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
+            if improved:
+                export_model(tmp, config["best_model_dir"])
+            if config.get("local_state_dir"):  # local mode: Ray keeps no checkpoint, keep our own for resuming
+                staging = Path(tempfile.mkdtemp(prefix=".local_state.", dir=run_dir))
+                shutil.copytree(tmp, staging, dirs_exist_ok=True)
+                _replace_dir(staging, Path(config["local_state_dir"]))
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+    if live is not None:
+        live.end()
+
+
+# ------------------------------------------------------------------------------------------------------ driver
+def _init_ray(address: str | None, quiet: bool) -> bool:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; True when this call started it."""
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=not quiet, logging_level=logging.ERROR)
+        return False
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=not quiet, logging_level=logging.ERROR)
+    return True
+
+
+def run_training(
+    params: Params,
+    *,
+    features: str | os.PathLike,
+    storage_path: str | os.PathLike,
+    run_name: str = "train",
+    resume: bool = False,
+    address: str | None = None,
+    quiet: bool = False,
+    model_dir: str | os.PathLike | None = None,
+    dvclive_dir: str | os.PathLike | None = None,
+    stop_after_epochs: int | None = None,
+) -> TrainResult:
+    """Train ``params.train`` on the feature store ``features`` with Ray Train.
+
+    Args:
+        params: the validated params (``train``, ``seed`` and ``extract.captions_per_image`` are read).
+        features: the feature store (``train`` split required, ``val`` used for model selection when present).
+        storage_path: Ray's storage; checkpoints go to ``<storage_path>/<run_name>/checkpoint_*``.
+        run_name: Ray run name. Without ``resume`` an existing ``<storage_path>/<run_name>`` is deleted first
+            (Ray would otherwise silently resume it).
+        resume: continue from the run's latest checkpoint (Ray's snapshot; in local mode our own copy).
+        address: Ray cluster to attach to (else ``train.ray.address``, ``RAY_ADDRESS``, or a new local Ray).
+        quiet: no worker logs on the driver and no progress bar.
+        model_dir: where the best model is exported (default ``<storage_path>/<run_name>/model``).
+        dvclive_dir: dvclive directory for per-epoch metrics (None: no dvclive).
+        stop_after_epochs: stop this run after that many epochs (the schedule still spans ``optim.epochs``); a
+            later ``resume=True`` run continues exactly where it stopped.
+
+    Returns:
+        ``TrainResult``.
+
+    Raises:
+        FileNotFoundError: no feature store. ray.train.TrainingFailedError: a worker failed more than
+        ``train.ray.max_failures`` times (e.g. with ``NonFiniteLossError``).
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    train = params.train
+    features = Path(features).resolve()
+    store = FeatureStore.open(features)  # FileNotFoundError / IncompleteStoreError before any Ray work
+    if "train" not in store.splits:
+        raise ValueError(f"feature store {features} has no train split (has {store.splits}); extract it first")
+    has_val = "val" in store.splits
+    storage = Path(storage_path).resolve()
+    run_dir = storage / run_name
+    if run_dir.exists() and not resume:
+        logger.warning("removing the previous run at %s (pass resume=True to continue it)", run_dir)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    best_dir = Path(model_dir).resolve() if model_dir is not None else run_dir / "model"
+    local_mode = train.ray.num_workers == 0
+    local_state = run_dir / "local_state"
+    config = {
+        "train": train.model_dump(mode="json"),
+        "features": str(features),
+        "seed": params.seed,
+        "captions_per_image": params.extract.captions_per_image,
+        "resume_from": str(local_state) if local_mode and resume and local_state.is_dir() else None,
+        "best_model_dir": str(best_dir),
+        "run_dir": str(run_dir),
+        "local_state_dir": str(local_state) if local_mode else None,
+        "dvclive_dir": None if dvclive_dir is None else str(Path(dvclive_dir).resolve()),
+        "stop_after_epochs": stop_after_epochs,
+        "quiet": quiet,
+    }
+    scaling = ScalingConfig(
+        num_workers=train.ray.num_workers,
+        use_gpu=train.ray.use_gpu,
+        resources_per_worker=None if local_mode else {"CPU": train.ray.cpus_per_worker},
+    )
+    # num_to_keep=2 by val_rsum keeps the 2 best; Ray V2 never deletes the latest checkpoint, so resuming works too.
+    checkpoints = CheckpointConfig(
+        num_to_keep=2,
+        checkpoint_score_attribute=SCORE_METRIC if has_val else None,
+        checkpoint_score_order="max",
+    )
+    run_config = RunConfig(
+        name=run_name,
+        storage_path=str(storage),
+        checkpoint_config=checkpoints,
+        failure_config=FailureConfig(max_failures=train.ray.max_failures),
+    )
+    started = False if local_mode else _init_ray(address or train.ray.address, quiet)
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config
+        )
+        result = trainer.fit()
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    history_file = run_dir / HISTORY_FILE
+    history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    best_checkpoint = None
+    if not local_mode:
+        best = result.get_best_checkpoint(SCORE_METRIC, "max") if has_val else result.checkpoint
+        best_checkpoint = Path(best.path) if best is not None else None
+    rsums = [h["val_rsum"] for h in history if "val_rsum" in h]
+    return TrainResult(
+        best_model=best_dir,
+        best_checkpoint=best_checkpoint,
+        best_rsum=max(rsums) if rsums else None,
+        metrics=dict(result.metrics or (history[-1] if history else {})),
+        history=history,
+    )
