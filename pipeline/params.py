@@ -36,6 +36,7 @@ class PathsParams(_Strict):
     training: str = "artifacts/training"
     model: str = "artifacts/model"
     embeddings: str = "artifacts/embeddings.zarr"
+    index: str = "artifacts/index"
     metrics: str = "metrics.json"
     plots: str = "plots"
     dvclive: str = "dvclive"
@@ -163,6 +164,21 @@ class EvaluateParams(_Strict):
         return sorted(set(v))
 
 
+class IndexParams(_Strict):
+    """The searchable set index (setemb.index.SetIndex) built from the embedding store."""
+
+    split: Literal["val", "test", "train"] = "test"
+    modality: Literal["image", "text"] = "image"
+    kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    candidates_per_element: int = Field(64, gt=0)
+    nlist: int | None = Field(None, gt=0)
+    nprobe: int | None = Field(None, gt=0)
+    hnsw_m: int = Field(32, gt=0)
+    ef_search: int = Field(128, gt=0)
+    storage_dtype: Literal["float16", "float32"] = "float16"
+    top_k: int = Field(10, gt=0)
+
+
 # ---------------------------------------------------------------------------------------------------------- root
 class Params(_Strict):
     seed: int = 0
@@ -172,6 +188,7 @@ class Params(_Strict):
     train: TrainParams = Field(default_factory=TrainParams)
     embed: EmbedParams = Field(default_factory=EmbedParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    index: IndexParams = Field(default_factory=IndexParams)
 
 
 def format_validation_error(err: ValidationError) -> str:
