@@ -87,10 +87,20 @@ def stage_errors(debug: bool = False) -> Iterator[None]:
         if debug:
             raise
         raise _fail(str(e), 2) from None
-    except (StageError, FileNotFoundError, ValueError, OSError) as e:
-        if debug:
+    except (typer.Exit, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        if debug or not isinstance(e, _runtime_failures()):
             raise
         raise _fail(str(e) or type(e).__name__, 1) from None
+
+
+def _runtime_failures() -> tuple[type[BaseException], ...]:
+    """Failures reported as one line with exit 1; anything else is a bug and keeps its traceback."""
+    from setemb.store import IncompleteStoreError
+    from setemb.training import NonFiniteLossError
+
+    return (StageError, IncompleteStoreError, NonFiniteLossError, FileNotFoundError, ValueError, OSError)
 
 
 def start_stage(name: str, params_path: Path, *, quiet: bool, debug: bool) -> Params:
