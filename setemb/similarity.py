@@ -40,7 +40,7 @@ _LN2 = math.log(2.0)
 # Largest alpha for which exp(alpha * C), C in [-1, 1], stays a normal float with room for sums (fast path).
 _FAST_EXP_MAX_ALPHA = {torch.float32: 64.0, torch.float64: 600.0}
 _EXACT_BRUTE_FORCE_MAX_K = 6  # 6! = 720 permutations; above that the exact path loops over scipy per pair.
-_TILE_ELEMENTS = 1 << 22  # ~16 MB of float32 per tile in score()
+_TILE_ELEMENTS = 1 << 24  # ~64 MB of float32 per tile in score(): few, large ops (robust on busy CPUs)
 _SQRT_EPS = 1e-12  # clamp of squared distances before sqrt (finite gradient at d = 0)
 
 
@@ -60,6 +60,21 @@ class _Sets(NamedTuple):
     def empty(self) -> Tensor:
         """[N] bool, True where the set has no valid element."""
         return self.count == 0
+
+
+class _Workspace:
+    """Reusable flat buffers for the no-autograd tile path of ``score``: a fresh tile of tens of MB per GEMM would be
+    page-faulted in (and zeroed by the OS) every time."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return buf[:numel].view(shape)
 
 
 # ----------------------------------------------------------------------------------------------- preparation
@@ -102,15 +117,17 @@ def _prepare_raw(x: Tensor, mask: Tensor | None, dtype: torch.dtype, gallery: bo
 # ----------------------------------------------------------------------------------------------- shared pieces
 
 
-def _cosine(a: _Sets, b: _Sets, scale: float | Tensor = 1.0) -> Tensor:
+def _cosine(a: _Sets, b: _Sets, scale: float | Tensor = 1.0, workspace: _Workspace | None = None) -> Tensor:
     """``scale * <a_i, b_j>`` for all element pairs: one GEMM, returned as ``[N, Ka, Kb, M]``."""
     N, Ka, D = a.x.shape
     M, Kb, _ = b.x.shape
     a2 = a.x.reshape(N * Ka, D)  # [N*Ka, D]
-    if not (isinstance(scale, float) and scale == 1.0):
-        a2 = a2 * scale  # scaling the small operand folds the scale into the GEMM
     b2 = b.x.transpose(0, 1).reshape(Kb * M, D)  # [Kb*M, D], a view for prepared gallery sets
-    return (a2 @ b2.T).view(N, Ka, Kb, M)  # [N, Ka, Kb, M]
+    if isinstance(scale, Tensor) or _needs_grad(a.x, b.x):
+        return ((a2 * scale) @ b2.T).view(N, Ka, Kb, M)  # [N, Ka, Kb, M]
+    out = (workspace or _Workspace()).get("cosine", (N * Ka, Kb * M), a2)
+    # GEMM with alpha = scale (free); beta = 0 ignores the uninitialised `out` (NaN/inf not propagated).
+    return torch.addmm(out, a2, b2.T, beta=0, alpha=scale, out=out).view(N, Ka, Kb, M)  # [N, Ka, Kb, M]
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None, count: Tensor, gallery: bool) -> Tensor:
@@ -169,21 +186,21 @@ def _smooth_chamfer_pool(cosine: Tensor, alpha: float | Tensor, a_mask: Tensor |
     return (_masked_mean(row, a_mask, a_count, False) + _masked_mean(col, b_mask, b_count, True)) / (2 * alpha)
 
 
-def _smooth_chamfer_kernel(a: _Sets, b: _Sets, *, alpha: float | Tensor) -> Tensor:
-    fast = (
-        not isinstance(alpha, Tensor) and alpha <= _FAST_EXP_MAX_ALPHA.get(a.x.dtype, 0.0) and not _needs_grad(a.x, b.x)
-    )
-    if not fast:
+def _smooth_chamfer_kernel(a: _Sets, b: _Sets, *, alpha: float | Tensor, workspace: _Workspace | None = None) -> Tensor:
+    limit = _FAST_EXP_MAX_ALPHA.get(a.x.dtype, 0.0)
+    if isinstance(alpha, Tensor) or alpha > limit or _needs_grad(a.x, b.x):
         return _fill_empty(_smooth_chamfer_pool(_cosine(a, b), alpha, a.mask, b.mask), a, b)
     # Fast exact path (no autograd, alpha <= 64 in fp32): |αC| <= 64 so exp(αC) is a normal float that cannot
     # overflow, and LSE = log Σ exp(αC) needs no max shift. exp2 of (α·log2 e)·C is ~3x cheaper than exp on CPU.
-    e = _cosine(a, b, alpha / _LN2).exp2_()  # [N, Ka, Kb, M] = exp(α C), in place on the GEMM output
+    ws = workspace or _Workspace()
+    e = _cosine(a, b, alpha / _LN2, ws).exp2_()  # [N, Ka, Kb, M] = exp(α C), in place on the GEMM output
+    N, Ka, Kb, M = e.shape
     if b.mask is not None:
         e.mul_(b.mask.T[None, None])  # zero masked gallery elements
     if a.mask is not None:
         e.mul_(a.mask[:, :, None, None])  # zero masked query elements
-    row = e.sum(2).log2_()  # [N, Ka, M]  LSE_j / ln 2
-    col = e.sum(1).log2_()  # [N, Kb, M]  LSE_i / ln 2
+    row = torch.sum(e, 2, out=ws.get("row", (N, Ka, M), e)).log2_()  # [N, Ka, M]  LSE_j / ln 2
+    col = torch.sum(e, 1, out=ws.get("col", (N, Kb, M), e)).log2_()  # [N, Kb, M]  LSE_i / ln 2
     s = (_masked_mean(row, a.mask, a.count, False) + _masked_mean(col, b.mask, b.count, True)).mul_(_LN2 / (2 * alpha))
     return _fill_empty(s, a, b)
 
@@ -255,6 +272,7 @@ class _Kernel(NamedTuple):
     prepare: Callable[[Tensor, Tensor | None, torch.dtype, bool], _Sets]
     pair: Callable[..., Tensor]  # (a: _Sets, b: _Sets, **kw) -> [N, M]
     cost_per_pair: Callable[[int, int, dict[str, Any]], int]  # tile elements per pair of sets (block sizing)
+    workspace: bool = False  # pair() takes `workspace=` (buffers reused across the tiles of score)
 
 
 def _assignment_cost(Ka: int, Kb: int, kw: dict[str, Any]) -> int:
@@ -265,7 +283,7 @@ def _assignment_cost(Ka: int, Kb: int, kw: dict[str, Any]) -> int:
 
 
 _KERNELS: dict[str, _Kernel] = {
-    "smooth_chamfer": _Kernel(_prepare_cosine, _smooth_chamfer_kernel, lambda ka, kb, kw: ka * kb),
+    "smooth_chamfer": _Kernel(_prepare_cosine, _smooth_chamfer_kernel, lambda ka, kb, kw: ka * kb, workspace=True),
     "chamfer": _Kernel(_prepare_cosine, _chamfer_kernel, lambda ka, kb, kw: ka * kb),
     "max_similarity": _Kernel(_prepare_cosine, _max_kernel, lambda ka, kb, kw: ka * kb),
     "mean_similarity": _Kernel(_prepare_mean, _mean_kernel, lambda ka, kb, kw: 1),
@@ -323,8 +341,8 @@ def _apply(name: str, a: Tensor, b: Tensor, a_mask: Tensor | None, b_mask: Tenso
     M, Kb, _ = b.shape
     if N == 0 or M == 0 or Ka == 0 or Kb == 0:  # zero-length sets are empty sets
         return torch.full((N, M), float("-inf"), dtype=dtype, device=a.device)
-    pa = kernel.prepare(a, a_mask, dtype, False)
-    pb = kernel.prepare(b, b_mask.to(b.device) if b_mask is not None else None, dtype, True)
+    pa = kernel.prepare(a, None if a_mask is None else a_mask.to(a.device), dtype, False)
+    pb = kernel.prepare(b, None if b_mask is None else b_mask.to(b.device), dtype, True)
     return kernel.pair(pa, pb, **kw)
 
 
@@ -535,7 +553,7 @@ def score(queries: Tensor, database: Any, similarity: str | Callable[..., Tensor
         similarity: a registered name (``list_similarities()``), a ``create_similarity`` callable, or any callable
             ``(a, b, a_mask=None, b_mask=None, **kwargs) -> [N, M]``.
         query_mask: [B, K] bool or None. database_mask: [G, L] bool (tensor or array-like) or None.
-        block_size: (query, gallery) sets per tile, or one int for both; None picks ~16 MB tiles.
+        block_size: (query, gallery) sets per tile, or one int for both; None picks ~64 MB tiles.
         topk: if set, return only the k best gallery items per query, merged block by block without materialising
             [B, G]. Ties: the lower gallery index ranks first.
         **kwargs: hyper-parameters of the similarity (``alpha=16.0``, ...).
@@ -566,7 +584,8 @@ def score(queries: Tensor, database: Any, similarity: str | Callable[..., Tensor
     with contextlib.nullcontext() if grad else torch.no_grad():
         if kernel is not None:
             prepared = kernel.prepare(queries, query_mask, dtype, False)  # normalised once
-            tile_fn = functools.partial(_prepared_tile, kernel, prepared, kwargs)
+            tile_kwargs = {**kwargs, "workspace": _Workspace()} if kernel.workspace else kwargs
+            tile_fn = functools.partial(_prepared_tile, kernel, prepared, tile_kwargs)
         else:
             func = similarity if name is None else functools.partial(_apply, name)
             tile_fn = functools.partial(_raw_tile, func, queries, query_mask, kwargs)
