@@ -168,7 +168,7 @@ class IndexParams(_Strict):
     """The searchable set index (setemb.index.SetIndex) built from the embedding store."""
 
     split: Literal["val", "test", "train"] = "test"
-    modality: Literal["image", "text"] = "image"
+    modalities: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"], min_length=1)
     kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
     candidates_per_element: int = Field(64, gt=0)
     nlist: int | None = Field(None, gt=0)
