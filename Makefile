@@ -15,6 +15,8 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_AUTH_MODE := disabled
 export DVC_NO_ANALYTICS := 1
 export PYTHONHASHSEED := 0
+# dvc.yaml commands call `python`: the venv must come first on PATH.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-all lint bench
 

@@ -95,6 +95,8 @@ class ModelParams(_Strict):
     text_num_embeddings: int | None = Field(None, gt=0, le=64)
     head: Literal["slot", "transformer", "pienet", "probabilistic", "single_vector"] = "slot"
     head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    image_head_kwargs: dict[str, Any] = Field(default_factory=dict)
+    text_head_kwargs: dict[str, Any] = Field(default_factory=dict)
     image_encoder: Literal["grid", "region"] = "grid"
     image_encoder_kwargs: dict[str, Any] = Field(default_factory=dict)
     text_encoder: Literal["token", "bigru"] = "token"

@@ -477,7 +477,15 @@ def _init_ray(address: str | None, quiet: bool) -> bool:
     if address:
         ray.init(address=address, log_to_driver=not quiet, logging_level=logging.ERROR)
         return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=not quiet, logging_level=logging.ERROR)
+    # The dashboard (loopback only) hosts the state API that Ray Train's controller polls; without it the
+    # driver log fills with "Failed to query Ray Train Controller actor state" (PLATFORM §5).
+    ray.init(
+        num_cpus=os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        log_to_driver=not quiet,
+        logging_level=logging.ERROR,
+    )
     return True
 
 
