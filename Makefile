@@ -18,7 +18,7 @@ export PYTHONHASHSEED := 0
 # dvc.yaml commands call `python`: the venv must come first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-all lint bench
+.PHONY: setup browser demo test test-all lint bench
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,14 +27,21 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# The HTML gallery test renders in a real headless browser: Debian's chromium (no browser download at run time).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "install Debian's chromium (sudo apt-get install chromium) for the gallery test" >&2; exit 1; fi; }
+
 demo: setup
 	$(VENV)/bin/dvc repro
 	$(VENV)/bin/dvc metrics show --precision 2
 
-test: setup
+test: setup browser
 	$(PY) -m pytest -q
 
-test-all: setup
+test-all: setup browser
 	$(PY) -m pytest -q -m "not gpu"
 
 lint: setup

@@ -37,6 +37,7 @@ class PathsParams(_Strict):
     model: str = "artifacts/model"
     embeddings: str = "artifacts/embeddings.zarr"
     index: str = "artifacts/index"
+    reports: str = "reports"
     metrics: str = "metrics.json"
     plots: str = "plots"
     dvclive: str = "dvclive"
@@ -181,6 +182,22 @@ class IndexParams(_Strict):
     top_k: int = Field(10, gt=0)
 
 
+class ReportParams(_Strict):
+    """Attention figures (DivE Figure 4) and the static HTML retrieval gallery (stages/report.py)."""
+
+    split: Literal["train", "val", "test"] = Field("test", description="embedding-store split to report on")
+    num_images: int = Field(6, ge=0, description="images with an attention figure (DivE Figure 4)")
+    num_text_queries: int = Field(5, ge=0, description="captions queried against the images in the gallery")
+    num_image_queries: int = Field(5, ge=0, description="images queried against the captions in the gallery")
+    top_k: int = Field(5, gt=0, description="results per gallery query")
+    panel_px: int = Field(256, ge=96, description="side of one attention panel in pixels")
+    thumbnail_px: int = Field(160, ge=32, description="longest side of gallery thumbnails")
+    colormap: str = "jet"
+    alpha: float = Field(0.6, ge=0.0, le=1.0, description="weight of the colormap in the blend")
+    similarity: str | None = Field(None, description="gallery ranking similarity; null = as trained")
+    similarity_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
 # ---------------------------------------------------------------------------------------------------------- root
 class Params(_Strict):
     seed: int = 0
@@ -191,6 +208,7 @@ class Params(_Strict):
     embed: EmbedParams = Field(default_factory=EmbedParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     index: IndexParams = Field(default_factory=IndexParams)
+    report: ReportParams = Field(default_factory=ReportParams)
 
 
 def format_validation_error(err: ValidationError) -> str:
