@@ -36,7 +36,7 @@ browser:
 
 demo: setup
 	$(VENV)/bin/dvc repro
-	$(VENV)/bin/dvc metrics show --precision 2
+	$(PY) -m stages.evaluate --show --metrics metrics.json
 
 test: setup browser
 	$(PY) -m pytest -q

@@ -53,7 +53,7 @@ def setup_logging(quiet: bool = False) -> None:
     handler._setemb = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(logging.WARNING if quiet else logging.INFO)
-    for noisy in ("urllib3", "filelock", "httpx", "numcodecs", "matplotlib"):
+    for noisy in ("urllib3", "filelock", "httpx", "numcodecs", "matplotlib", "faiss.loader"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

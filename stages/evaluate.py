@@ -425,12 +425,19 @@ def main(
     ),
     metrics: Path = typer.Option(Path("metrics.json"), "--metrics", help="metrics file to write (paths.metrics)"),
     plots: Path = typer.Option(Path("plots"), "--plots", help="folder of recall_at_k.json (paths.plots)"),
+    show: bool = typer.Option(False, "--show", help="only print the table of an existing --metrics file"),
     quiet: bool = typer.Option(False, "--quiet", help="warnings only"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
     """Score the embeddings and write retrieval metrics (recall@K, R-Precision, mAP@R, circular variance)."""
     from rich.console import Console
 
+    if show:
+        if not metrics.is_file():
+            typer.echo(f"error: no metrics at {metrics}; run `dvc repro evaluate`", err=True)
+            raise typer.Exit(1)
+        Console(file=sys.stdout, width=100).print(metrics_table(json.loads(metrics.read_text())))
+        return
     params = start_stage("evaluate", params_path, quiet=quiet, debug=debug)
     results = call(
         run_evaluate,

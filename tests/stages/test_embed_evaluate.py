@@ -133,6 +133,12 @@ def test_evaluate_writes_metrics_plots_and_table(tmp_path: Path, trained: dict[s
     assert [(r["direction"], r["k"]) for r in rows] == [(d, k) for d in ("i2t", "t2i") for k in (1, 2, 5)]
     assert all(r["recall"] == metrics["full"][f"{r['direction']}_r{r['k']}"] for r in rows)
 
+    shown = runner.invoke(evaluate_app, ["--show", "--metrics", str(tmp_path / "metrics.json")])
+    assert shown.exit_code == 0, shown.output
+    assert f"{metrics['full']['rsum']:.2f}" in shown.stdout
+    missing = runner.invoke(evaluate_app, ["--show", "--metrics", str(tmp_path / "none.json")])
+    assert missing.exit_code == 1 and "dvc repro evaluate" in missing.output
+
 
 def write_relevance(path: Path, store: EmbeddingStore, split: str = "val") -> np.ndarray:
     """A shapes-format relevance file: image i holds one shape, SHAPES[i % 3]; each caption names its image's shape.
