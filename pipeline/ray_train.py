@@ -13,6 +13,13 @@ Checkpoint / export directory layout (``load_model`` reads either)::
                      "similarity": {"name", "kwargs"}, "train": TrainParams JSON, "seed", "captions_per_image",
                      "epoch", "val_rsum", "features": {"image": {...}, "text": {...}}}
     optimizer.pt, scheduler.pt, scaler.pt, state.json   (checkpoints only: what resuming needs)
+
+Test hook: when the environment variable ``SETEMB_TEST_FAIL_AT="epoch:step:rank"`` is set, the worker of that rank
+calls ``os._exit(1)`` just before training step ``step`` (0-based, as in the non-finite loss message) of epoch
+``epoch``; with ``"epoch:step:rank:hang"`` it sleeps there instead, so that a test can kill the whole run at a known
+point. It fires once per run: the first firing creates ``<run_dir>/.setemb_test_fail_at`` and the hook stays off
+while that file exists (Ray's worker restart and a resumed run both go past the step). Used by the reliability
+tests (tests/pipeline/test_train_reliability.py); never set it otherwise.
 """
 
 from __future__ import annotations
@@ -53,6 +60,8 @@ STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE = "state.json", "optimiz
 HISTORY_FILE = "history.json"
 SCORE_METRIC = "val_rsum"
 LOG_EVERY = 20
+FAIL_AT_ENV = "SETEMB_TEST_FAIL_AT"  # test hook, see the module docstring
+FAIL_AT_MARKER = ".setemb_test_fail_at"
 
 
 @dataclass
@@ -282,6 +291,38 @@ def _open_live(directory: str | None, resume: bool):
     return Live(directory, dvcyaml=False, save_dvc_exp=False, resume=resume, report=None)
 
 
+def _test_fail_at(batches, epoch: int, rank: int, run_dir: Path):
+    """``batches``, or (test hook ``SETEMB_TEST_FAIL_AT``, module docstring) a wrapper that exits / hangs once."""
+    spec = os.environ.get(FAIL_AT_ENV)
+    if not spec:
+        return batches
+    fields = spec.split(":")
+    at_epoch, at_step, at_rank = (int(f) for f in fields[:3])
+    action = fields[3] if len(fields) > 3 else "exit"
+    if (at_epoch, at_rank) != (epoch, rank) or (run_dir / FAIL_AT_MARKER).exists():
+        return batches
+
+    def wrapped():
+        for step, batch in enumerate(batches):
+            if step == at_step:
+                try:
+                    fd = os.open(run_dir / FAIL_AT_MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:  # fired already in this run
+                    pass
+                else:
+                    os.write(fd, f"{spec} pid={os.getpid()}\n".encode())
+                    os.close(fd)
+                    logger.warning(
+                        "%s=%s: %s at epoch %d step %d rank %d", FAIL_AT_ENV, spec, action, epoch, step, rank
+                    )
+                    while action == "hang":
+                        time.sleep(60)
+                    os._exit(1)
+            yield batch
+
+    return wrapped()
+
+
 # ------------------------------------------------------------------------------------------------ the worker loop
 def _split_tables(store: FeatureStore, split: str) -> tuple[FeatureTable, FeatureTable, np.ndarray, Any]:
     """(image table, text table, caption_to_image, in-memory SplitFeatures) of one split, read into RAM."""
@@ -402,6 +443,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             make_batch(image_table, text_table, caption_index, images)
             for images in islice(sampler(epoch), steps_per_epoch)
         )
+        batches = _test_fail_at(batches, epoch, rank, run_dir)
         progress = _Progress(steps_per_epoch, epoch, show_bar)
         start = time.perf_counter()
         try:
