@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.files import replace_dir, write_json_atomic
 from pipeline.params import Params, TrainParams
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
@@ -141,22 +142,7 @@ def build_loss(train: TrainParams) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------------------------------- export / reload
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=True, default=float))
-    os.replace(tmp, path)
-
-
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished directory ``src`` to ``dst``, replacing it (never leaves ``dst`` half-written)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    old = dst.with_name(dst.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
-    if old.exists():
-        shutil.rmtree(old)
+    write_json_atomic(path, value, indent=2, sort_keys=True, default=float)
 
 
 def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
@@ -173,7 +159,7 @@ def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
         shutil.copy2(src / f, staging / f)
-    _replace_dir(staging, out)
+    replace_dir(staging, out)
     return out
 
 
@@ -501,7 +487,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if config.get("local_state_dir"):  # local mode: Ray keeps no checkpoint, keep our own for resuming
                 staging = Path(tempfile.mkdtemp(prefix=".local_state.", dir=run_dir))
                 shutil.copytree(tmp, staging, dirs_exist_ok=True)
-                _replace_dir(staging, Path(config["local_state_dir"]))
+                replace_dir(staging, Path(config["local_state_dir"]))
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
     if live is not None:
         live.end()

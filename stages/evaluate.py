@@ -39,6 +39,7 @@ from typing import Any
 import typer
 
 from pipeline.cli import StageError, call, start_stage
+from pipeline.files import write_json_atomic
 from pipeline.params import EvaluateParams, Params, ParamsError
 
 logger = logging.getLogger("setemb.stage.evaluate")
@@ -240,10 +241,7 @@ def _finite(tree: dict[str, Any], where: str = "") -> dict[str, Any]:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, value, indent=2)
 
 
 def run_evaluate(

@@ -12,9 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +22,7 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.cli import StageError, call, progress_enabled, start_stage
+from pipeline.files import write_json_atomic
 from pipeline.params import ExtractParams, ParamsError, format_validation_error
 
 logger = logging.getLogger("setemb.stage.extract")
@@ -97,16 +96,6 @@ def fingerprint(extract: ExtractParams, limit: int | None, signature: dict) -> s
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to a temp file in the same folder, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _store_attrs(out: Path) -> dict[str, Any] | None:
@@ -259,7 +248,7 @@ def run_extract(
         if extract.on_bad_image == "skip":
             rejected["splits"][split] = items
             rejected["count"] = sum(len(v) for v in rejected["splits"].values())
-            write_json_atomic(rejected_path, rejected)
+            write_json_atomic(rejected_path, rejected, ensure_ascii=False)
 
     with WorkerPool(extract.workers) as pool:
         for split in extract.splits:

@@ -16,7 +16,6 @@ flat or IVF by size (``setemb.index.default_index_params``); ``nlist`` / ``nprob
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -28,6 +27,7 @@ from typing import Any
 import typer
 
 from pipeline.cli import StageError, call, start_stage
+from pipeline.files import replace_dir, write_json_atomic
 from pipeline.params import Params
 
 logger = logging.getLogger("setemb.stage.index")
@@ -109,19 +109,7 @@ def read_items(
 
 
 def _write_json(path: Path, value: Any) -> None:
-    path.write_text(json.dumps(value, indent=1, ensure_ascii=False))
-
-
-def _replace_dir(staging: Path, out: Path) -> None:
-    """Move the finished ``staging`` directory to ``out``, replacing what was there."""
-    old = out.with_name(f".{out.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(staging, out)
-    if old.exists():
-        shutil.rmtree(old)
+    write_json_atomic(path, value, indent=1, ensure_ascii=False)
 
 
 def _check_model(store_attrs: dict[str, Any], config: dict[str, Any], embeddings: Path, model: Path) -> None:
@@ -218,7 +206,7 @@ def run_index(
             manifest["indexes"][modality] = {"items": N, "set_size": K, "embed_dim": D, "kind": kwargs["kind"]}
         _write_json(staging / ITEMS_JSON, items)
         _write_json(staging / MANIFEST_JSON, manifest)
-        _replace_dir(staging, out)
+        replace_dir(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)

@@ -30,6 +30,7 @@ from typing import Any
 import typer
 
 from pipeline.cli import StageError, call, start_stage
+from pipeline.files import replace_dir
 from pipeline.params import Params, ParamsError, format_validation_error
 
 logger = logging.getLogger("setemb.stage.train")
@@ -140,13 +141,7 @@ def write_live(live_dir: str | os.PathLike, history: list[dict[str, Any]]) -> Pa
                     live.log_metric(key, value)
             live.next_step()
         live.end()
-        old = live_dir.with_name(live_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if live_dir.exists():
-            os.replace(live_dir, old)
-        os.replace(staging, live_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(staging, live_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
