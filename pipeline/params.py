@@ -8,6 +8,7 @@ dotted path of the offending key. Defaults live here and nowhere else; setemb ne
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -221,6 +222,24 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-05`` as a float (YAML 1.2), as ``dvc exp run -S`` writes small floats that way."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+        |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+        |\.[0-9_]+(?:[eE][-+][0-9]+)?
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     """Read and validate params.yaml; the only reader of that file.
 
@@ -231,7 +250,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     if not path.is_file():
         raise ParamsError(f"no params file at {path}; run from the repository root or pass --params")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.load(path.read_text(), Loader=_Loader) or {}  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path} is not valid YAML: {e}") from None
     if not isinstance(raw, dict):

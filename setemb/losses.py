@@ -485,8 +485,11 @@ class ProbabilisticMatchingLoss(nn.Module):
         return self.log_scale.exp()
 
     def similarity_kwargs(self) -> dict[str, float]:
-        """Current ``{scale, shift}`` in ``match_probability``'s convention (sigmoid(−scale·d + shift))."""
-        return {"scale": float(2.0 * self.scale.detach()), "shift": float(2.0 * self.shift.detach())}
+        """Current ``{scale, shift}`` in ``match_probability``'s convention (sigmoid(−scale·d + shift)).
+
+        ``log: True``: evaluation ranks by log match probability, which never underflows (see ``match_probability``).
+        """
+        return {"scale": float(2.0 * self.scale.detach()), "shift": float(2.0 * self.shift.detach()), "log": True}
 
     def forward(self, img: SetOutput, txt: SetOutput, caption_to_image: Tensor) -> dict[str, Tensor]:
         """Args: img / txt with samples in ``embeddings [P, J, D]`` / ``[C, J, D]`` and ``mean``, ``logsigma [*, D]``.

@@ -219,9 +219,18 @@ def _mean_kernel(a: _Sets, b: _Sets) -> Tensor:
     return _fill_empty(a.x @ b.x.T, a, b)  # [N, M] = <mean_i a_i, mean_j b_j> = mean_ij C_ij
 
 
-def _match_probability_kernel(a: _Sets, b: _Sets, *, scale: float | Tensor, shift: float | Tensor) -> Tensor:
+def _match_probability_kernel(
+    a: _Sets, b: _Sets, *, scale: float | Tensor, shift: float | Tensor, log: bool = False
+) -> Tensor:
     sq = a.sq_norm[:, :, None, None] + b.sq_norm.T[None, None]  # [N, Ka, Kb, M] |a_i|² + |b_j|²
     dist = (sq - 2 * _cosine(a, b)).clamp_min(_SQRT_EPS).sqrt()  # [N, Ka, Kb, M] ‖a_i − b_j‖₂
+    if log:  # log mean_ij sigmoid(l_ij) = LSE_ij logsigmoid(l_ij) − log(#pairs): no underflow for far samples
+        logp = F.logsigmoid(shift - scale * dist)  # [N, Ka, Kb, M]
+        if a.mask is None and b.mask is None:
+            return torch.logsumexp(logp, dim=(1, 2)) - math.log(logp.shape[1] * logp.shape[2])
+        logp = _mask_pairs(logp, a.mask, b.mask, float("-inf"))
+        pairs = (a.count[:, None] * b.count[None, :]).clamp_min(1).to(logp.dtype)  # [N, M]
+        return _fill_empty(torch.logsumexp(logp, dim=(1, 2)) - pairs.log(), a, b)
     p = torch.sigmoid(shift - scale * dist)  # [N, Ka, Kb, M]
     if a.mask is None and b.mask is None:
         return p.mean(dim=(1, 2))
@@ -435,7 +444,8 @@ def mean_similarity(a: Tensor, b: Tensor, a_mask: Tensor | None = None, b_mask: 
 
 @_registered("match_probability")
 def match_probability(a: Tensor, b: Tensor, a_mask: Tensor | None = None, b_mask: Tensor | None = None, *,
-                      scale: float | Tensor = 1.0, shift: float | Tensor = 0.0) -> Tensor:  # fmt: skip
+                      scale: float | Tensor = 1.0, shift: float | Tensor = 0.0,
+                      log: bool = False) -> Tensor:  # fmt: skip
     """PCME match probability (M§3.2): ``mean_ij sigmoid(−scale·‖a_i − b_j‖₂ + shift)``.
 
     Unlike the other similarities this uses the raw Euclidean distance of the *un-normalised* elements, since PCME
@@ -447,11 +457,14 @@ def match_probability(a: Tensor, b: Tensor, a_mask: Tensor | None = None, b_mask
         a: [N, Ka, D] float samples. b: [M, Kb, D] float samples.
         a_mask: [N, Ka] bool or None. b_mask: [M, Kb] bool or None.
         scale: slope on the distance (PCME 2a). shift: offset (PCME 2b).
+        log: return ``log p`` via logsigmoid + logsumexp. Same ranking as ``p``, but ``p`` underflows to exactly 0 in
+            float32 once ``scale·d − shift`` exceeds ~104 (far samples, large learnt scale), which would tie every
+            such pair; evaluation of a PCME model therefore ranks by ``log p``.
 
     Returns:
-        [N, M] float32 (or float64) in (0, 1); ``-inf`` for empty sets.
+        [N, M] float32 (or float64) in (0, 1), or ``log p`` in (-inf, 0) with ``log=True``; ``-inf`` for empty sets.
     """
-    return _apply("match_probability", a, b, a_mask, b_mask, scale=scale, shift=shift)
+    return _apply("match_probability", a, b, a_mask, b_mask, scale=scale, shift=shift, log=log)
 
 
 @_registered("pair_assignment")

@@ -68,3 +68,17 @@ def test_params_are_frozen() -> None:
     params = Params()
     with pytest.raises(Exception, match="frozen"):
         params.train.optim.lr = 1.0  # type: ignore[misc]
+
+
+def test_exponent_floats_read_as_floats(tmp_path: Path) -> None:
+    """`dvc exp run -S` writes small floats as `1e-05`, which plain YAML 1.1 would read as a string."""
+    params = load_params(_write_text(tmp_path, "train:\n  optim: {lr: 1e-05}\n  loss: {kwargs: {kl_weight: 1e-5}}\n"))
+    assert params.train.optim.lr == 1e-05
+    assert params.train.loss.kwargs["kl_weight"] == 1e-05 and isinstance(params.train.loss.kwargs["kl_weight"], float)
+    assert load_params(_write_text(tmp_path, "seed: 7\n")).seed == 7  # integers stay integers
+
+
+def _write_text(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "params.yaml"
+    p.write_text(text)
+    return p

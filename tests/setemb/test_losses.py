@@ -405,13 +405,15 @@ def test_pcme_parameters_registered_and_trained():
         assert param.grad is not None and param.grad.abs() > 0, f"No gradient for {name}"
     assert img.mean.grad.abs().sum() > 0 and txt.logsigma.grad.abs().sum() > 0
     assert loss_fn.similarity_name == "match_probability"
-    assert loss_fn.similarity_kwargs() == pytest.approx({"scale": 10.0, "shift": 10.0})
+    kwargs = loss_fn.similarity_kwargs()
+    assert kwargs.pop("log") is True  # evaluation ranks by log match probability (no underflow)
+    assert kwargs == pytest.approx({"scale": 10.0, "shift": 10.0})
 
 
 def test_pcme_loss_consistent_with_its_similarity_kwargs():
     loss_fn = ProbabilisticMatchingLoss(init_scale=0.6, init_shift=0.4, kl_weight=0.0)
     img, txt = _pcme_output(1, 3, 4, seed=3), _pcme_output(1, 3, 4, seed=4)
     out = loss_fn(img, txt, torch.tensor([0]))
-    p = match_probability(img.embeddings, txt.embeddings, **loss_fn.similarity_kwargs())  # [1, 1]
-    torch.testing.assert_close(out["soft_contrastive"], -torch.log(p[0, 0]).detach())
+    log_p = match_probability(img.embeddings, txt.embeddings, **loss_fn.similarity_kwargs())  # [1, 1] log p
+    torch.testing.assert_close(out["soft_contrastive"], -log_p[0, 0].detach())
     torch.testing.assert_close(out["loss"].detach(), out["soft_contrastive"])

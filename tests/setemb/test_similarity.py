@@ -480,3 +480,20 @@ def test_shape_errors_name_expected_and_actual_shapes():
         score(a, b, topk=6)
     with pytest.raises(ValueError, match="block_size"):
         score(a, b, block_size=(0, 3))
+
+
+def test_log_match_probability_equals_log_of_probability_and_never_underflows() -> None:
+    """``log=True`` is log p where p is representable, and stays finite and rank-preserving where p underflows to 0."""
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 4, 8, generator=g), torch.randn(5, 2, 8, generator=g)
+    mask = torch.tensor([[True, True, False, True]] * 3)
+    for kw in ({}, {"a_mask": mask}):
+        p = match_probability(a, b, scale=1.5, shift=0.5, **kw)
+        log_p = match_probability(a, b, scale=1.5, shift=0.5, log=True, **kw)
+        torch.testing.assert_close(log_p, p.log())
+    far = torch.cat([b, b + 40.0, b + 80.0])  # distances of ~40 and ~80 with scale 30: sigmoid underflows in float32
+    p = match_probability(a, far, scale=30.0, shift=0.0)
+    log_p = match_probability(a, far, scale=30.0, shift=0.0, log=True)
+    assert (p[:, 5:] == 0).all()  # the plain probability ties every far pair at exactly 0
+    assert torch.isfinite(log_p).all()
+    assert (log_p[:, 5:10] > log_p[:, 10:]).all()  # nearer sets still rank higher
