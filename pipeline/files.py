@@ -9,6 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+# Side files kept inside a feature store directory (written by the extract stage, read by training and search).
+REJECTED_JSON = "rejected.json"  # on_bad_image=skip: every rejected item with its reason
+VOCAB_JSON = "vocab.json"  # glove text backbone: vocabulary of the train captions
+GLOVE_VECTORS = "glove_vectors.npy"  # glove text backbone: [V, 300] initial word vectors, when a GloVe file is given
+
 
 def write_json_atomic(path: str | os.PathLike, value: Any, **dumps_kwargs: Any) -> Path:
     """Write ``value`` as JSON to a temp file beside ``path``, then rename it over ``path``."""

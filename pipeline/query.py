@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.files import VOCAB_JSON
 from pipeline.params import Params
-
-_VOCAB_JSON = "vocab.json"  # glove vocabulary kept inside the feature store directory (stages/extract.py)
 
 
 def model_digest(model_dir: str | os.PathLike) -> str:
@@ -115,7 +114,7 @@ class QueryEncoder:
             if summary.get("max_tokens"):
                 kwargs["max_length"] = int(summary["max_tokens"])
             if name == "glove":
-                vocab = Path(self._features.get("path", "")) / _VOCAB_JSON
+                vocab = Path(self._features.get("path", "")) / VOCAB_JSON
                 if not vocab.is_file():
                     raise FileNotFoundError(f"glove vocabulary {vocab} not found; run `dvc repro extract`")
                 kwargs["vocab"] = vocab

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.files import replace_dir, write_json_atomic
+from pipeline.files import GLOVE_VECTORS, replace_dir, write_json_atomic
 from pipeline.params import Params, TrainParams
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
@@ -128,6 +128,28 @@ def resolve_model_kwargs(
             )
         text_kw["input_dim"] = int(text_attrs["local_dim"])
     return kwargs
+
+
+def _init_word_vectors(model: torch.nn.Module, features: Path) -> bool:
+    """Initialise a bi-GRU's word embeddings from the GloVe vectors the extract stage saved beside the vocabulary.
+
+    The vectors are an initialisation only (fine-tuned, M§2), so they stay out of the saved model config; the trained
+    embedding table travels in the state dict. Returns True when vectors were loaded.
+    """
+    vectors_path = features / GLOVE_VECTORS
+    embedding = getattr(getattr(model.text, "encoder", None), "embedding", None)
+    if not vectors_path.is_file() or not isinstance(embedding, torch.nn.Embedding):
+        return False
+    vectors = torch.from_numpy(np.load(vectors_path)).to(embedding.weight.dtype)
+    if tuple(vectors.shape) != tuple(embedding.weight.shape):
+        raise ValueError(
+            f"{vectors_path} holds vectors of shape {tuple(vectors.shape)}, the bi-GRU embedding is "
+            f"{tuple(embedding.weight.shape)}; set train.model.text_encoder_kwargs.word_dim to the vector width"
+        )
+    with torch.no_grad():
+        embedding.weight.copy_(vectors)
+    logger.info("bi-GRU word embeddings initialised from %s", vectors_path)
+    return True
 
 
 def _feature_summary(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -371,6 +393,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(seed)
     image_attrs, text_attrs = train_split.image.attrs, train_split.text.attrs
     model = create_model(**resolve_model_kwargs(train.model.model_dump(mode="json"), image_attrs, text_attrs))
+    _init_word_vectors(model, Path(config["features"]))
     model = model.to(device)
     loss_fn = build_loss(train).to(device)
     if optim.no_mining_epochs > 0 and not hasattr(loss_fn, "set_hardest_negatives"):

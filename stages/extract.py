@@ -22,14 +22,13 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.cli import StageError, call, progress_enabled, start_stage
-from pipeline.files import write_json_atomic
+from pipeline.files import GLOVE_VECTORS, REJECTED_JSON, VOCAB_JSON, write_json_atomic
 from pipeline.params import ExtractParams, ParamsError, format_validation_error
 
 logger = logging.getLogger("setemb.stage.extract")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 EXTRACT_VERSION = 1  # bump when a code change alters the stored values (invalidates persisted stores)
-REJECTED_JSON, VOCAB_JSON, GLOVE_VECTORS = "rejected.json", "vocab.json", "glove_vectors.npy"
 _NOT_IN_FINGERPRINT = ("workers",)  # the stored values do not depend on these
 
 
@@ -94,8 +93,6 @@ def fingerprint(extract: ExtractParams, limit: int | None, signature: dict) -> s
     params = {k: v for k, v in extract.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
     blob = json.dumps({"v": EXTRACT_VERSION, "extract": params, "limit": limit, "data": signature}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
 
 
 def _store_attrs(out: Path) -> dict[str, Any] | None:

@@ -229,3 +229,24 @@ def test_ddp_two_workers_resume_matches_uninterrupted_run(store, tmp_path, ray_c
     model, _, config = load_model(export_model(straight.best_checkpoint, tmp_path / "exported"))
     assert config["val_rsum"] == straight.best_rsum
     shutil.rmtree(tmp_path / "exported")
+
+
+def test_bigru_word_embeddings_start_from_the_extracted_glove_vectors(tmp_path) -> None:
+    """The extract stage saves GloVe vectors beside the vocabulary; training must start the bi-GRU from them."""
+    from pipeline.files import GLOVE_VECTORS
+    from pipeline.ray_train import _init_word_vectors
+    from setemb.model import create_model
+
+    text_kwargs = {"vocab_size": 7, "word_dim": 4, "hidden_dim": 8}
+    kwargs = dict(embed_dim=8, num_embeddings=2, head="slot", head_kwargs={"attention_dim": 8},
+                  image_encoder="grid", image_encoder_kwargs={"input_dim": 6},
+                  text_encoder="bigru", text_encoder_kwargs=text_kwargs)  # fmt: skip
+    model = create_model(**kwargs)
+    assert not _init_word_vectors(model, tmp_path)  # no vectors file: the random init stays
+    vectors = np.arange(28, dtype=np.float32).reshape(7, 4)
+    np.save(tmp_path / GLOVE_VECTORS, vectors)
+    assert _init_word_vectors(model, tmp_path)
+    np.testing.assert_array_equal(model.text.encoder.embedding.weight.detach().numpy(), vectors)
+    np.save(tmp_path / GLOVE_VECTORS, vectors[:, :3])
+    with pytest.raises(ValueError, match="word_dim"):
+        _init_word_vectors(create_model(**kwargs), tmp_path)
