@@ -66,7 +66,7 @@ def index_kwargs(params: Params, num_items: int, num_elements: int) -> dict[str,
     if chosen["kind"] == "ivf":
         nlist = p.nlist or chosen.get("nlist") or 2 ** round(math.log2(math.sqrt(total)))
         nlist = max(1, min(int(nlist), total // IVF_TRAIN_POINTS_PER_LIST or 1))
-        nprobe = p.nprobe or chosen.get("nprobe") or max(16, nlist // 64)
+        nprobe = p.nprobe or chosen.get("nprobe") or max(16, nlist // 32)
         kwargs.update(nlist=nlist, nprobe=min(int(nprobe), nlist))
         kwargs["train_size"] = min(total, max(100_000, IVF_TRAIN_POINTS_PER_LIST * nlist))
     return kwargs

@@ -190,4 +190,4 @@ def test_shape_and_config_errors() -> None:
 def test_default_index_params_by_size() -> None:
     assert default_index_params(10_000, 4) == {"kind": "flat"}
     big = default_index_params(1_000_000, 4)
-    assert big["kind"] == "ivf" and big["nlist"] == 2048 and big["nprobe"] == 32
+    assert big["kind"] == "ivf" and big["nlist"] == 2048 and big["nprobe"] == 64

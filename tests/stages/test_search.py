@@ -125,7 +125,7 @@ def test_help_exits_zero(app) -> None:
     ("index", "items", "expected"),
     [
         ({}, 1000, {"kind": "flat"}),
-        ({}, 200_000, {"kind": "ivf", "nlist": 1024, "nprobe": 16}),
+        ({}, 200_000, {"kind": "ivf", "nlist": 1024, "nprobe": 32}),
         ({"kind": "auto", "nlist": 256, "nprobe": 8}, 200_000, {"kind": "ivf", "nlist": 256, "nprobe": 8}),
         ({"kind": "ivf"}, 100, {"kind": "ivf", "nlist": 10, "nprobe": 10}),  # 400 elements: 10 lists of 40 points
         ({"kind": "hnsw", "hnsw_m": 16}, 100, {"kind": "hnsw", "hnsw_m": 16}),
