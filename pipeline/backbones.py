@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -83,7 +84,7 @@ def _freeze(model: nn.Module) -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------------- visual
-class VisualBackbone(nn.Module):
+class VisualBackbone(nn.Module, abc.ABC):
     """Frozen image feature extractor.
 
     Attributes:
@@ -117,13 +118,13 @@ class VisualBackbone(nn.Module):
         """PIL image -> normalised ``[3, H, W]`` float tensor."""
         return self.transform(image)
 
+    @abc.abstractmethod
     def feature_map(self, images: Tensor) -> Tensor:
         """``[B, 3, H, W]`` -> last feature map ``[B, C, h, w]``."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def logits(self, images: Tensor) -> Tensor:
         """ImageNet class logits ``[B, 1000]`` (sanity checks)."""
-        raise NotImplementedError
 
     @torch.inference_mode()
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, tuple[int, int]]:
@@ -346,6 +347,12 @@ class PrecomputedRegions(VisualBackbone):
         self._device = fn(torch.empty(0, device=self._device)).device
         return super()._apply(fn, recurse)
 
+    def feature_map(self, images: Tensor) -> Tensor:
+        raise TypeError("precomputed regions have no image network: there is no feature map to compute")
+
+    def logits(self, images: Tensor) -> Tensor:
+        raise TypeError("precomputed regions have no image network: there are no class logits")
+
     def preprocess(self, image: Any) -> Tensor:
         """A region array ``[N, D]`` -> float32 tensor."""
         return torch.as_tensor(np.asarray(image), dtype=torch.float32)
@@ -397,7 +404,7 @@ def create_visual_backbone(
 
 
 # ------------------------------------------------------------------------------------------------------- text
-class TextBackbone(nn.Module):
+class TextBackbone(nn.Module, abc.ABC):
     """Frozen caption encoder.
 
     Attributes:
@@ -413,9 +420,9 @@ class TextBackbone(nn.Module):
     local_dtype: str | None = None
     grid = None
 
+    @abc.abstractmethod
     def encode(self, captions: Sequence[str]) -> tuple[Tensor, Tensor | None, Tensor]:
         """``captions`` (B) -> local ``[B, T, C]`` padded with zeros, global ``[B, C]``, lengths ``[B]`` long."""
-        raise NotImplementedError
 
     def forward(self, captions: Sequence[str]) -> tuple[Tensor, Tensor | None, Tensor]:
         return self.encode(captions)
