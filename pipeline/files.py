@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -13,6 +14,15 @@ from typing import Any
 REJECTED_JSON = "rejected.json"  # on_bad_image=skip: every rejected item with its reason
 VOCAB_JSON = "vocab.json"  # glove text backbone: vocabulary of the train captions
 GLOVE_VECTORS = "glove_vectors.npy"  # glove text backbone: [V, 300] initial word vectors, when a GloVe file is given
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def write_json_atomic(path: str | os.PathLike, value: Any, **dumps_kwargs: Any) -> Path:

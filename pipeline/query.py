@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.files import VOCAB_JSON
+from pipeline.files import VOCAB_JSON, file_sha256
 from pipeline.params import Params
 
 
@@ -44,9 +44,7 @@ def model_digest(model_dir: str | os.PathLike) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"no {name} in {model_dir}; train first (`dvc repro train`) or pass --model")
         digest.update(name.encode())
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                digest.update(chunk)
+        digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 
 

@@ -502,17 +502,25 @@ class SplitFeatures:
         return SplitFeatures(self.image.load_to_memory(), self.text.load_to_memory())
 
 
-class FeatureStore:
-    """Read-only view of a finished feature store; ``FeatureStore.open(path)["train"].image.batch([0, 1])``."""
+class _StoreView:
+    """Read-only view of a finished store: ``root`` group and its ``attrs``."""
+
+    _KIND, _FORMAT = "", ""
 
     def __init__(self, path: str | Path, group: zarr.Group) -> None:
         self.path, self.root = str(path), group
         self.attrs: dict[str, Any] = group.attrs.asdict()
 
     @classmethod
-    def open(cls, path: str | Path) -> FeatureStore:
+    def open(cls, path: str | Path) -> Any:
         """FileNotFoundError if missing, IncompleteStoreError if the writing run did not finish."""
-        return cls(path, _open_complete(path, "feature", FEATURE_FORMAT))
+        return cls(path, _open_complete(path, cls._KIND, cls._FORMAT))
+
+
+class FeatureStore(_StoreView):
+    """Read-only view of a finished feature store; ``FeatureStore.open(path)["train"].image.batch([0, 1])``."""
+
+    _KIND, _FORMAT = "feature", FEATURE_FORMAT
 
     @property
     def splits(self) -> list[str]:
@@ -671,17 +679,10 @@ class EmbeddingSet:
     attrs: dict[str, Any]
 
 
-class EmbeddingStore:
+class EmbeddingStore(_StoreView):
     """Read-only view of a finished embedding store."""
 
-    def __init__(self, path: str | Path, group: zarr.Group) -> None:
-        self.path, self.root = str(path), group
-        self.attrs: dict[str, Any] = group.attrs.asdict()
-
-    @classmethod
-    def open(cls, path: str | Path) -> EmbeddingStore:
-        """FileNotFoundError if missing, IncompleteStoreError if the writing run did not finish."""
-        return cls(path, _open_complete(path, "embedding", EMBEDDING_FORMAT))
+    _KIND, _FORMAT = "embedding", EMBEDDING_FORMAT
 
     @property
     def names(self) -> list[str]:

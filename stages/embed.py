@@ -25,20 +25,13 @@ from typing import Any
 import typer
 
 from pipeline.cli import StageError, call, progress_enabled, start_stage
+from pipeline.files import file_sha256
 from pipeline.params import Params
 
 logger = logging.getLogger("setemb.stage.embed")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 UNIT_ITEMS = 1024  # items per resumable work unit of an embedding set
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def embed_fingerprint(params: Params, model_dir: Path, store: Any, limit: int | None) -> str:
@@ -52,7 +45,7 @@ def embed_fingerprint(params: Params, model_dir: Path, store: Any, limit: int | 
         for modality in ("image", "text")
     }
     payload = {
-        "model": {f: _file_digest(model_dir / f) for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE)},
+        "model": {f: file_sha256(model_dir / f) for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE)},
         "embed": params.embed.model_dump(mode="json"),
         "limit": limit,
         "features": {"root": store.attrs, "groups": groups},

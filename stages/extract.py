@@ -22,7 +22,7 @@ import typer
 from pydantic import ValidationError
 
 from pipeline.cli import StageError, call, progress_enabled, start_stage
-from pipeline.files import GLOVE_VECTORS, REJECTED_JSON, VOCAB_JSON, write_json_atomic
+from pipeline.files import GLOVE_VECTORS, REJECTED_JSON, VOCAB_JSON, file_sha256, write_json_atomic
 from pipeline.params import ExtractParams, ParamsError, format_validation_error
 
 logger = logging.getLogger("setemb.stage.extract")
@@ -60,14 +60,6 @@ def resolve_extract_params(base: ExtractParams, **overrides: Any) -> ExtractPara
         raise ParamsError(f"invalid extract option (command line or params.yaml): {lines}") from None
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_signature(extract: ExtractParams, dataset_json: Path, image_root: Path, precomp_root: Path | None) -> dict:
     """What identifies the input data: the dataset JSON's content hash and the image root, or the size and mtime
     of every precomp file of the requested splits (those arrays are too large to hash)."""
@@ -76,7 +68,7 @@ def data_signature(extract: ExtractParams, dataset_json: Path, image_root: Path,
             raise FileNotFoundError(
                 f"dataset json not found: {dataset_json}; run `dvc repro prepare` or fix --dataset-json"
             )
-        return {"dataset_json": _sha256(dataset_json), "image_root": str(image_root)}
+        return {"dataset_json": file_sha256(dataset_json), "image_root": str(image_root)}
     if precomp_root is None:
         raise ParamsError("extract.source=precomp needs --precomp-root (or paths.precomp_root)")
     if not precomp_root.exists():
@@ -84,7 +76,7 @@ def data_signature(extract: ExtractParams, dataset_json: Path, image_root: Path,
     files = [precomp_root] if precomp_root.is_file() else sorted(p for p in precomp_root.iterdir() if p.is_file())
     sig = {str(p.name): [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
     if precomp_root.is_file():  # HDF5 regions + the Karpathy JSON that defines the splits
-        sig["dataset_json"] = _sha256(dataset_json)
+        sig["dataset_json"] = file_sha256(dataset_json)
     return sig
 
 
