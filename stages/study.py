@@ -644,7 +644,7 @@ def ensure_features(params: Params, features: Path) -> Path:
     """
     from setemb.store import FeatureStore, IncompleteStoreError
     from stages.extract import run_extract
-    from stages.prepare import run_prepare
+    from pipeline.shapes import run_prepare
 
     try:
         FeatureStore.open(features)

@@ -15,7 +15,11 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC_YAML["stages"]
 # Modules whose params reads count for a stage, beyond stages/<name>.py itself.
-EXTRA_MODULES = {"train": ["pipeline/ray_train.py"], "extract": ["pipeline/extraction.py"]}
+EXTRA_MODULES = {
+    "prepare": ["pipeline/shapes.py"],
+    "train": ["pipeline/ray_train.py"],
+    "extract": ["pipeline/extraction.py"],
+}
 
 
 def _interpolate(text: str) -> str:
@@ -55,6 +59,13 @@ def test_stage_code_deps_exist(stage: str) -> None:
         path = _interpolate(dep)
         if not path.startswith(("data/", "artifacts/")):  # produced by earlier stages
             assert (ROOT / path).exists(), f"stage {stage!r} depends on missing {path}"
+
+
+@pytest.mark.parametrize("stage", sorted(EXTRA_MODULES))
+def test_stage_depends_on_the_pipeline_modules_it_runs(stage: str) -> None:
+    deps = {_interpolate(dep) for dep in STAGES[stage].get("deps", [])}
+    missing = [rel for rel in EXTRA_MODULES[stage] if rel not in deps and rel.split("/")[0] not in deps]
+    assert not missing, f"dvc.yaml stage {stage!r} runs {missing} but does not list them in deps"
 
 
 @pytest.mark.parametrize("stage", sorted(STAGES))
