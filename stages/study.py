@@ -642,9 +642,9 @@ def ensure_features(params: Params, features: Path) -> Path:
 
     An existing complete store is reused as is, whatever params made it (the study never re-extracts).
     """
-    from setemb.store import FeatureStore, IncompleteStoreError
-    from stages.extract import run_extract
+    from pipeline.feature_cache import run_extract
     from pipeline.shapes import run_prepare
+    from setemb.store import FeatureStore, IncompleteStoreError
 
     try:
         FeatureStore.open(features)

@@ -18,7 +18,7 @@ STAGES = DVC_YAML["stages"]
 EXTRA_MODULES = {
     "prepare": ["pipeline/shapes.py"],
     "train": ["pipeline/ray_train.py"],
-    "extract": ["pipeline/extraction.py"],
+    "extract": ["pipeline/feature_cache.py", "pipeline/extraction.py"],
 }
 
 
@@ -86,7 +86,11 @@ def test_every_interpolated_path_is_defined_in_params() -> None:
 
 def test_dvc_parses_the_pipeline() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "dvc", "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "dvc", "stage", "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"DVC_NO_ANALYTICS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
     assert out.returncode == 0, out.stderr

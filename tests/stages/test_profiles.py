@@ -82,8 +82,8 @@ def tiny_params_dict(root: Path) -> dict:
 def tiny_dataset(root: Path) -> Path:
     """Generate the tiny shapes dataset and extract its features with the real small backbones, once per session
     (both steps are no-ops when ``root`` already holds them); returns the params.yaml written there."""
+    from pipeline.feature_cache import run_extract
     from pipeline.shapes import generate_shapes
-    from stages.extract import run_extract
 
     data = tiny_params_dict(root)
     generate_shapes(root / "shapes", seed=0, **TINY_SIZES)
