@@ -744,7 +744,7 @@ def run_study(
     Raises:
         ParamsError: unknown grid or an invalid cell.
     """
-    from stages.train import features_fingerprint
+    from pipeline.training import features_fingerprint
 
     start, load = time.perf_counter(), os.getloadavg()[0]
     base = study_base(params, settings)

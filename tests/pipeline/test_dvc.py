@@ -17,7 +17,7 @@ STAGES = DVC_YAML["stages"]
 # Modules whose params reads count for a stage, beyond stages/<name>.py itself.
 EXTRA_MODULES = {
     "prepare": ["pipeline/shapes.py"],
-    "train": ["pipeline/ray_train.py"],
+    "train": ["pipeline/training.py", "pipeline/ray_train.py"],
     "extract": ["pipeline/feature_cache.py", "pipeline/extraction.py"],
 }
 
