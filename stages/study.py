@@ -238,8 +238,8 @@ def run_cell(job: CellJob) -> dict[str, Any]:
     """
     import ray.train  # noqa: F401 - configures Ray's loggers on import: quieten them after that
 
+    from pipeline.embedding import run_embed
     from pipeline.ray_train import HISTORY_FILE, run_training
-    from stages.embed import run_embed
     from stages.evaluate import run_evaluate
 
     set_offline_env()

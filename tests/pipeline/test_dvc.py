@@ -18,6 +18,7 @@ STAGES = DVC_YAML["stages"]
 EXTRA_MODULES = {
     "prepare": ["pipeline/shapes.py"],
     "train": ["pipeline/training.py", "pipeline/ray_train.py"],
+    "embed": ["pipeline/embedding.py"],
     "extract": ["pipeline/feature_cache.py", "pipeline/extraction.py"],
 }
 

@@ -18,6 +18,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
+from pipeline.embedding import run_embed
 from pipeline.feature_cache import run_extract
 from pipeline.params import Params, load_params
 from pipeline.query import QueryEncoder
@@ -27,7 +28,6 @@ from setemb.data import read_karpathy
 from setemb.index import SetIndex
 from setemb.similarity import score
 from setemb.store import EmbeddingStore
-from stages.embed import run_embed
 from stages.index import ITEMS_JSON, MANIFEST_JSON, index_kwargs, run_index
 from stages.index import app as index_app
 from stages.search import app as search_app
