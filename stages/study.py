@@ -239,8 +239,8 @@ def run_cell(job: CellJob) -> dict[str, Any]:
     import ray.train  # noqa: F401 - configures Ray's loggers on import: quieten them after that
 
     from pipeline.embedding import run_embed
+    from pipeline.evaluation import run_evaluate
     from pipeline.ray_train import HISTORY_FILE, run_training
-    from stages.evaluate import run_evaluate
 
     set_offline_env()
     for noisy in ("pipeline.ray_train", "setemb", "ray", "ray.train", "stages"):

@@ -19,6 +19,7 @@ EXTRA_MODULES = {
     "prepare": ["pipeline/shapes.py"],
     "train": ["pipeline/training.py", "pipeline/ray_train.py"],
     "embed": ["pipeline/embedding.py"],
+    "evaluate": ["pipeline/evaluation.py"],
     "extract": ["pipeline/feature_cache.py", "pipeline/extraction.py"],
 }
 
