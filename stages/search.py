@@ -58,7 +58,7 @@ class SearchResult:
 
 def open_index(index_dir: Path, modality: str) -> tuple[dict[str, Any], Path]:
     """``(manifest, sub-index dir)`` of the ``modality`` database; StageError with the `dvc repro index` hint."""
-    from stages.index import INDEX_FORMAT, MANIFEST_JSON
+    from pipeline.indexing import INDEX_FORMAT, MANIFEST_JSON
 
     manifest_path = index_dir / MANIFEST_JSON
     if not manifest_path.is_file():
@@ -104,9 +104,9 @@ def run_search(
     """
     import numpy as np
 
+    from pipeline.indexing import ITEMS_JSON
     from pipeline.query import QueryEncoder, model_digest
     from setemb.index import SetIndex
-    from stages.index import ITEMS_JSON
 
     check_query(query, image)
     k = params.index.top_k if k is None else k

@@ -16,6 +16,7 @@ PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC_YAML["stages"]
 # Modules whose params reads count for a stage, beyond stages/<name>.py itself.
 EXTRA_MODULES = {
+    "index": ["pipeline/indexing.py"],
     "prepare": ["pipeline/shapes.py"],
     "train": ["pipeline/training.py", "pipeline/ray_train.py"],
     "embed": ["pipeline/embedding.py"],

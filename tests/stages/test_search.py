@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 
 from pipeline.embedding import run_embed
 from pipeline.feature_cache import run_extract
+from pipeline.indexing import ITEMS_JSON, MANIFEST_JSON, run_index
 from pipeline.params import Params, load_params
 from pipeline.query import QueryEncoder
 from pipeline.ray_train import run_training
@@ -28,7 +29,6 @@ from setemb.data import read_karpathy
 from setemb.index import SetIndex
 from setemb.similarity import score
 from setemb.store import EmbeddingStore
-from stages.index import ITEMS_JSON, MANIFEST_JSON, index_kwargs, run_index
 from stages.index import app as index_app
 from stages.search import app as search_app
 from stages.search import run_search
@@ -119,25 +119,6 @@ def brute_force(built: dict, query_set: torch.Tensor, modality: str, k: int) -> 
 def test_help_exits_zero(app) -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "--params" in result.stdout and "--model" in result.stdout
-
-
-@pytest.mark.parametrize(
-    ("index", "items", "expected"),
-    [
-        ({}, 1000, {"kind": "flat"}),
-        ({}, 200_000, {"kind": "ivf", "nlist": 1024, "nprobe": 32}),
-        ({"kind": "auto", "nlist": 256, "nprobe": 8}, 200_000, {"kind": "ivf", "nlist": 256, "nprobe": 8}),
-        ({"kind": "ivf"}, 100, {"kind": "ivf", "nlist": 10, "nprobe": 10}),  # 400 elements: 10 lists of 40 points
-        ({"kind": "hnsw", "hnsw_m": 16}, 100, {"kind": "hnsw", "hnsw_m": 16}),
-    ],
-)
-def test_index_kwargs_follow_params_and_size(tmp_path: Path, index: dict, items: int, expected: dict) -> None:
-    params = Params.model_validate(params_dict(tmp_path, **index))
-    kwargs = index_kwargs(params, items, 4)
-    assert {key: kwargs[key] for key in expected} == expected
-    assert kwargs["storage_dtype"] == "float32" and kwargs["candidates_per_element"] == 64
-    if kwargs["kind"] == "ivf":
-        assert kwargs["train_size"] >= min(items * 4, 40 * kwargs["nlist"])
 
 
 def test_empty_and_ambiguous_queries_exit_2_without_data(tmp_path: Path) -> None:
