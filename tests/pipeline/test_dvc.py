@@ -18,6 +18,7 @@ STAGES = DVC_YAML["stages"]
 EXTRA_MODULES = {
     "index": ["pipeline/indexing.py"],
     "prepare": ["pipeline/shapes.py"],
+    "report": ["pipeline/reporting.py", "pipeline/report.py"],
     "train": ["pipeline/training.py", "pipeline/ray_train.py"],
     "embed": ["pipeline/embedding.py"],
     "evaluate": ["pipeline/evaluation.py"],
