@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -40,10 +41,11 @@ import numpy as np
 import torch
 
 from pipeline.files import GLOVE_VECTORS, replace_dir, write_json_atomic
-from pipeline.params import Params, TrainParams
+from pipeline.params import Params, TrainDataParams, TrainParams
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
-from setemb.store import FeatureStore, ModalityFeatures
+from setemb.store import FeatureStore, ModalityFeatures, SplitFeatures
+from setemb.streaming import StreamingTable, prefetch
 from setemb.training import (
     CaptionIndex,
     FeatureTable,
@@ -332,10 +334,46 @@ def _test_fail_at(batches, epoch: int, rank: int, run_dir: Path):
 
 
 # ------------------------------------------------------------------------------------------------ the worker loop
-def _split_tables(store: FeatureStore, split: str) -> tuple[FeatureTable, FeatureTable, np.ndarray, Any]:
-    """(image table, text table, caption_to_image, in-memory SplitFeatures) of one split, read into RAM."""
-    features = store[split].load_to_memory()
-    return feature_table(features.image), feature_table(features.text), features.caption_to_image, features
+def streaming_tables(
+    split: SplitFeatures, data: TrainDataParams, images_per_step: int, captions_per_image: int
+) -> tuple[StreamingTable, StreamingTable, np.ndarray | None]:
+    """Image and text tables of a split that read the store block by block (never the whole split), and the image
+    block bounds the sampler orders by (None for ``shuffle: full``, a uniform permutation read item by item).
+
+    The caches hold what one step of all ranks (``images_per_step`` = P x world size) can touch: two shuffle windows
+    plus the windows one step spans, so every block is read about once per epoch and memory is bounded by the cache.
+    """
+    if data.shuffle == "full":
+        block, cache = 1, 2 * images_per_step
+    else:
+        block = data.block_images
+        cache = data.window_blocks * (2 + math.ceil(images_per_step / (block * data.window_blocks)))
+    image = StreamingTable.from_features(split.image, block, cache)
+    text = StreamingTable.from_features(split.text, block * captions_per_image, cache + 2)
+    c2i = split.caption_to_image
+    if len(c2i) > 1 and (np.diff(c2i) < 0).any():
+        logger.warning("captions are not stored image-major: streaming reads of their blocks will repeat")
+    return image, text, None if data.shuffle == "full" else image.bounds
+
+
+def sequential_tables(split: SplitFeatures, block_items: int) -> tuple[StreamingTable, StreamingTable, np.ndarray]:
+    """Tables for one in-order pass (validation): one block in memory at a time per modality."""
+    image = StreamingTable.from_features(split.image, block_items, 2)
+    text = StreamingTable.from_features(split.text, block_items, 2)
+    return image, text, split.caption_to_image
+
+
+def epoch_batches(
+    image_table: StreamingTable,
+    text_table: StreamingTable,
+    caption_index: CaptionIndex,
+    sampler: ImageCaptionBatches,
+    steps: int,
+    prefetch_batches: int,
+):
+    """The ``(image batch, text batch, caption_to_image)`` of one epoch on one rank, read ahead in a thread."""
+    batches = (make_batch(image_table, text_table, caption_index, images) for images in islice(sampler, steps))
+    return prefetch(batches, prefetch_batches)
 
 
 def _optimization(
@@ -384,11 +422,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    # every worker reads the store itself: nothing big travels through the driver
+    # every worker streams the store itself: nothing big travels through the driver or sits in memory
     store = FeatureStore.open(config["features"])
-    image_table, text_table, caption_to_image, train_split = _split_tables(store, "train")
-    caption_index = CaptionIndex(caption_to_image, len(image_table))
-    val = _split_tables(store, "val")[:3] if rank == 0 and "val" in store.splits else None
+    train_split = store["train"]
+    image_table, text_table, bounds = streaming_tables(
+        train_split, train.data, train.images_per_batch * world_size, int(config["captions_per_image"])
+    )
+    caption_index = CaptionIndex(train_split.caption_to_image, len(image_table))
+    val = sequential_tables(store["val"], train.eval_block_size) if rank == 0 and "val" in store.splits else None
 
     torch.manual_seed(seed)
     image_attrs, text_attrs = train_split.image.attrs, train_split.text.attrs
@@ -420,6 +461,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank,
             world_size=world_size,
             drop_last=False,
+            bounds=bounds,
+            window_blocks=train.data.window_blocks,
         )
 
     steps_per_epoch = min(len(sampler(0)), train.limit_batches or len(sampler(0)))
@@ -448,9 +491,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if optim.no_mining_epochs > 0:
             loss_fn.set_hardest_negatives(epoch >= optim.no_mining_epochs)
         torch.manual_seed(_epoch_seed(seed, epoch, rank))  # token drop / dropout replay exactly after a resume
-        batches = (
-            make_batch(image_table, text_table, caption_index, images)
-            for images in islice(sampler(epoch), steps_per_epoch)
+        batches = epoch_batches(
+            image_table, text_table, caption_index, sampler(epoch), steps_per_epoch, train.data.prefetch_batches
         )
         batches = _test_fail_at(batches, epoch, rank, run_dir)
         progress = _Progress(steps_per_epoch, epoch, show_bar)

@@ -122,6 +122,20 @@ class StreamingTable:
         self.blocks_read = self.rows_read = 0
         self._is_tokens = len(local.shape) == 1
 
+    @classmethod
+    def from_features(cls, features: Any, block_items: int, cache_blocks: int) -> StreamingTable:
+        """A streaming view of a store's ``ModalityFeatures`` (``setemb.store``): unit-aligned blocks of
+        ``block_items`` items, the arrays read lazily."""
+        bounds = block_bounds(len(features), block_items, int(features.attrs.get("unit_size", len(features))))
+        return cls(
+            features.local_rows,
+            features.starts,
+            features.lengths,
+            features.global_rows,
+            bounds,
+            cache_blocks=cache_blocks,
+        )
+
     def __len__(self) -> int:
         return len(self.lengths)
 
