@@ -25,7 +25,7 @@ class CountingRows:
     def __getitem__(self, key):
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise AssertionError(f"only contiguous slices may be read, got {key!r}")
-        lo, hi, _ = key.indices(len(self.array))
+        lo, hi, _ = key.indices(self.shape[0])
         if hi - lo > self.max_rows:
             raise AssertionError(f"read of {hi - lo} rows exceeds the block bound {self.max_rows}")
         self.reads.append((lo, hi))
