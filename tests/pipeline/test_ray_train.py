@@ -289,3 +289,27 @@ def test_training_streams_the_store_and_never_reads_a_whole_split(tmp_path, monk
     assert [h["epoch"] for h in result.history] == [0, 1] and "val_rsum" in result.history[-1]
     reads = [r for p in proxies for r in p.reads]
     assert len(reads) > 8  # the split was read in many blocks, each within the bound (CountingRows asserts it)
+
+
+def test_rank0_progress_goes_to_the_driver_channel_and_summaries_are_one_line():
+    from pipeline.ray_train import _Progress, epoch_summary
+
+    class Channel(list):
+        def put_nowait(self, item):
+            self.append(item)
+
+    channel = Channel()
+    progress = _Progress(total=10, epoch=3, enabled=True, channel=channel)
+    progress(5, {"loss": 0.5})
+    progress(10, {"loss": 0.25})
+    progress.close()
+    assert progress.bar is None  # the driver draws the bar, not the worker
+    assert channel == [
+        {"epoch": 3, "steps": 5, "total": 10, "loss": 0.5},
+        {"epoch": 3, "steps": 10, "total": 10, "loss": 0.25},
+    ]
+    line = epoch_summary(
+        {"epoch": 3, "train_loss": 0.12345, "val_rsum": 140.24, "best_val_rsum": 141.0, "epoch_time_s": 12.34}, 15
+    )
+    assert line == "epoch 4/15: loss 0.1235, val RSUM 140.2 (best 141.0), 12.3 s"
+    assert "\n" not in line
