@@ -402,6 +402,14 @@ class ModalityFeatures:
         return self._lazy("global")
 
     @property
+    def global_rows(self) -> np.ndarray | zarr.Array | None:
+        """``[n, Dg]`` global features without reading them: the lazy zarr array (in memory after
+        ``load_to_memory``), or None (glove)."""
+        if "global" in self._arrays:
+            return self._arrays["global"]
+        return self._group["global"] if self._group is not None and "global" in self._group else None
+
+    @property
     def caption_to_image(self) -> np.ndarray | None:
         """``[n]`` int64 image row of each caption (text), None for images."""
         return self._lazy("caption_to_image")
