@@ -178,6 +178,7 @@ def run_train(
     resume: bool | None = None,
     address: str | None = None,
     quiet: bool = False,
+    verbose: bool = False,
 ) -> dict[str, Any]:
     """Train ``params.train`` on ``features``; export the best model to ``out``; rebuild ``live`` from the history.
 
@@ -189,7 +190,8 @@ def run_train(
         live: dvclive directory (``paths.dvclive``), or None for none.
         resume: True continue, False restart, None = resume when the run directory holds a finished epoch.
         address: Ray cluster address (else ``train.ray.address`` / ``RAY_ADDRESS`` / a new local Ray).
-        quiet: no worker logs and no progress bar.
+        quiet: no progress bar and no per-epoch summary lines.
+        verbose: Ray's worker logs on the console too (the stage's ``--debug``).
 
     Returns:
         Summary: ``run_name``, ``run_dir``, ``resumed``, ``epochs`` (epochs in the history), ``best_epoch``,
@@ -226,6 +228,7 @@ def run_train(
             resume=resume,
             address=address,
             quiet=quiet,
+            verbose=verbose,
             model_dir=run_dir / "model",
             dvclive_dir=live,
         )

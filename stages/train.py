@@ -38,7 +38,7 @@ def main(
         None, "--limit", min=1, help="stop each epoch after N batches (train.limit_batches), for smoke runs"
     ),
     quiet: bool = typer.Option(False, "--quiet", help="warnings only, no progress bar"),
-    debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
+    debug: bool = typer.Option(False, "--debug", help="show tracebacks and Ray's worker logs"),
 ) -> None:
     """Train the set-embedding model on the feature store with Ray Train and export the best model."""
     params = start_stage("train", params_path, quiet=quiet, debug=debug)
@@ -53,6 +53,7 @@ def main(
         resume=resume,
         address=address,
         quiet=quiet,
+        verbose=debug,
         debug=debug,
     )
     rsum = summary["best_val_rsum"]
