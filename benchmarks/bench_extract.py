@@ -28,7 +28,7 @@ from pipeline.backbones import create_text_backbone, create_visual_backbone, dec
 from pipeline.extraction import run_extraction, subset_index  # noqa: E402
 from pipeline.shapes import SHAPES_PROFILES, generate_shapes  # noqa: E402
 from setemb.data import read_karpathy  # noqa: E402
-from setemb.store import FeatureStoreWriter  # noqa: E402
+from setemb.feature_store import FeatureStoreWriter  # noqa: E402
 
 
 def forward_only(model, images: torch.Tensor, batch_size: int) -> float:

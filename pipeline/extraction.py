@@ -41,7 +41,7 @@ from pipeline.backbones import (
 )
 from pipeline.cli import StageError
 from setemb.data import SplitIndex, missing_images
-from setemb.store import FeatureStoreWriter, ModalityWriter
+from setemb.feature_store import FeatureStoreWriter, ModalityWriter
 
 logger = logging.getLogger(__name__)
 

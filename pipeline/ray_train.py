@@ -41,9 +41,9 @@ import torch
 
 from pipeline.files import GLOVE_VECTORS, replace_dir, write_json_atomic
 from pipeline.params import Params, TrainParams
+from setemb.feature_store import FeatureStore, ModalityFeatures
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
-from setemb.store import FeatureStore, ModalityFeatures
 from setemb.training import (
     CaptionIndex,
     FeatureTable,

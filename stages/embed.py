@@ -1,6 +1,6 @@
 """Embed the feature store's splits with the trained model into an embedding store (sets, ids, attention maps).
 
-Output (``paths.embeddings``, ``setemb.store`` embedding format): per split in ``embed.splits`` the sets
+Output (``paths.embeddings``, ``setemb.embedding_store`` format): per split in ``embed.splits`` the sets
 ``<split>/image`` ``[N, K, D]`` and ``<split>/text`` ``[C, L, D]`` float32 with ``ids``, ``caption_to_image`` (text:
 row of the caption's image in ``<split>/image``) and, when ``embed.save_attention`` is on and the head returns them,
 ``attention [N, K, Ntok]`` (zero beyond each item's length). Root attrs: ``similarity`` ``{"name", "kwargs"}`` as
@@ -57,7 +57,7 @@ def _existing(path: Path) -> tuple[str | None, bool]:
     """(fingerprint, complete) of an existing embedding store at ``path``; (None, False) when there is none."""
     import zarr
 
-    from setemb.store import EMBEDDING_FORMAT
+    from setemb.embedding_store import EMBEDDING_FORMAT
 
     if not path.exists():
         return None, False
@@ -174,7 +174,9 @@ def run_embed(
     import torch
 
     from pipeline.ray_train import load_model
-    from setemb.store import EmbeddingStoreWriter, FeatureStore, IncompleteStoreError
+    from setemb.embedding_store import EmbeddingStoreWriter
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
 
     model_dir, out = Path(model), Path(out)
     try:

@@ -91,7 +91,7 @@ def _store_attrs(out: Path) -> dict[str, Any] | None:
     """Root attrs of an existing feature store at ``out``, or None when ``out`` is not one."""
     import zarr
 
-    from setemb.store import FEATURE_FORMAT
+    from setemb.feature_store import FEATURE_FORMAT
 
     if not (out / "zarr.json").is_file():
         return None
@@ -203,7 +203,7 @@ def run_extract(
         FileNotFoundError, ValueError, StageError: missing inputs or weights, bad images or captions (exit 1).
     """
     from pipeline.extraction import WorkerPool, run_extraction
-    from setemb.store import FeatureStoreWriter
+    from setemb.feature_store import FeatureStoreWriter
 
     signature = data_signature(extract, dataset_json, image_root, precomp_root)
     fp = fingerprint(extract, limit, signature)

@@ -217,8 +217,8 @@ def distinct_score_fraction(embeddings: Path, info: dict[str, Any], rows: int = 
     About 1 for a working scorer; near 0 when the scores saturate (e.g. a match probability that underflows to 0
     for far-apart samples), which the recall tie rule would report as perfect retrieval.
     """
+    from setemb.embedding_store import EmbeddingStore
     from setemb.similarity import score
-    from setemb.store import EmbeddingStore
 
     store, split = EmbeddingStore.open(embeddings), info["split"]
 
@@ -642,7 +642,8 @@ def ensure_features(params: Params, features: Path) -> Path:
 
     An existing complete store is reused as is, whatever params made it (the study never re-extracts).
     """
-    from setemb.store import FeatureStore, IncompleteStoreError
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
     from stages.extract import run_extract
     from stages.prepare import run_prepare
 
@@ -689,7 +690,7 @@ def estimate_default_study(
     """
     import statistics
 
-    from setemb.store import FeatureStore
+    from setemb.feature_store import FeatureStore
 
     measured: dict[tuple, list[float]] = {}
     overheads = []

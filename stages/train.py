@@ -57,7 +57,8 @@ def features_fingerprint(features: str | os.PathLike) -> str:
     """
     import numpy as np
 
-    from setemb.store import FeatureStore, IncompleteStoreError
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
 
     try:
         store = FeatureStore.open(features)

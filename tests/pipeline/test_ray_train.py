@@ -18,9 +18,9 @@ from pipeline.ray_train import (
     resolve_model_kwargs,
     run_training,
 )
+from setemb.feature_store import FeatureStore, FeatureStoreWriter
 from setemb.losses import create_loss
 from setemb.model import create_model
-from setemb.store import FeatureStore, FeatureStoreWriter
 from setemb.training import encode_table, image_tower, text_tower, validate
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from pipeline.params import Params, load_params
 from pipeline.ray_train import feature_table, load_model, run_training
 from pipeline.shapes import RELATION_MARGIN, SHAPES_VERSION
+from setemb.embedding_store import EmbeddingStore, EmbeddingStoreWriter
+from setemb.feature_store import FeatureStore
 from setemb.metrics import five_fold_1k, map_at_r, r_precision, recall_at_k
 from setemb.similarity import score
-from setemb.store import EmbeddingStore, EmbeddingStoreWriter, FeatureStore
 from setemb.training import encode_table, image_tower, text_tower
 from stages.embed import app as embed_app
 from stages.evaluate import app as evaluate_app

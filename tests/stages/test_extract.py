@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from setemb.store import FeatureStore
+from setemb.feature_store import FeatureStore
 from stages.extract import app
 from tests.pipeline.test_extraction import break_images, make_shapes, store_arrays
 

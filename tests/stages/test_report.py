@@ -30,7 +30,8 @@ from pipeline.report import (
 )
 from pipeline.shapes import generate_shapes, load_relevance
 from setemb.data import read_karpathy
-from setemb.store import EmbeddingStoreWriter, FeatureStoreWriter
+from setemb.embedding_store import EmbeddingStoreWriter
+from setemb.feature_store import FeatureStoreWriter
 from stages.report import GALLERY_HTML, app, run_report
 
 runner = CliRunner()

@@ -23,9 +23,9 @@ from pipeline.query import QueryEncoder
 from pipeline.ray_train import run_training
 from pipeline.shapes import generate_shapes
 from setemb.data import read_karpathy
+from setemb.embedding_store import EmbeddingStore
 from setemb.index import SetIndex
 from setemb.similarity import score
-from setemb.store import EmbeddingStore
 from stages.embed import run_embed
 from stages.extract import run_extract
 from stages.index import ITEMS_JSON, MANIFEST_JSON, index_kwargs, run_index

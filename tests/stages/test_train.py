@@ -14,7 +14,7 @@ import zarr
 from typer.testing import CliRunner
 
 from pipeline.params import load_params
-from setemb.store import FeatureStoreWriter
+from setemb.feature_store import FeatureStoreWriter
 from stages.embed import app as embed_app
 from stages.evaluate import app as evaluate_app
 from stages.train import app as train_app
