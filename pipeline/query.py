@@ -35,7 +35,7 @@ def model_digest(model_dir: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: a model file is missing (one line, with the `dvc repro train` hint).
     """
-    from pipeline.ray_train import CONFIG_FILE, LOSS_FILE, MODEL_FILE
+    from pipeline.checkpoints import CONFIG_FILE, LOSS_FILE, MODEL_FILE
 
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
@@ -50,7 +50,7 @@ def model_digest(model_dir: str | os.PathLike) -> str:
 
 def read_model_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of an exported model (no weights loaded); FileNotFoundError with a hint when absent."""
-    from pipeline.ray_train import CONFIG_FILE
+    from pipeline.checkpoints import CONFIG_FILE
 
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
@@ -78,7 +78,7 @@ class QueryEncoder:
     """
 
     def __init__(self, model_dir: str | os.PathLike, params: Params, device: str | torch.device | None = None) -> None:
-        from pipeline.ray_train import load_model
+        from pipeline.checkpoints import load_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, _, self.config = load_model(model_dir, self.device)

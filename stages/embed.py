@@ -36,7 +36,7 @@ UNIT_ITEMS = 1024  # items per resumable work unit of an embedding set
 
 def embed_fingerprint(params: Params, model_dir: Path, store: Any, limit: int | None) -> str:
     """Hash of what determines the embedding store: model weights and config, embed params, limit, feature attrs."""
-    from pipeline.ray_train import CONFIG_FILE, LOSS_FILE, MODEL_FILE
+    from pipeline.checkpoints import CONFIG_FILE, LOSS_FILE, MODEL_FILE
 
     groups = {
         f"{split}/{modality}": store.modality(split, modality).attrs
@@ -173,7 +173,7 @@ def run_embed(
     import numpy as np
     import torch
 
-    from pipeline.ray_train import load_model
+    from pipeline.checkpoints import load_model
     from setemb.embedding_store import EmbeddingStoreWriter
     from setemb.feature_store import FeatureStore
     from setemb.store import IncompleteStoreError

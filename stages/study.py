@@ -199,7 +199,7 @@ def build_grid(
 # ---------------------------------------------------------------------------------------------------- one cell
 def _patched_model(model_dir: Path, out: Path, overrides: dict[str, Any]) -> Path:
     """A copy of the exported model whose ``config.json["model"]`` has ``overrides`` merged in (same weights)."""
-    from pipeline.ray_train import CONFIG_FILE
+    from pipeline.checkpoints import CONFIG_FILE
 
     if out.exists():
         shutil.rmtree(out)

@@ -205,7 +205,8 @@ def run_train(
     """
     from ray.train import TrainingFailedError
 
-    from pipeline.ray_train import CONFIG_FILE, export_model, run_training
+    from pipeline.checkpoints import CONFIG_FILE, export_model
+    from pipeline.ray_train import run_training
     from setemb.store import IncompleteStoreError
     from setemb.training import NonFiniteLossError
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.checkpoints import load_model
 from pipeline.params import Params, load_params
-from pipeline.ray_train import feature_table, load_model, run_training
+from pipeline.ray_train import feature_table, run_training
 from pipeline.shapes import RELATION_MARGIN, SHAPES_VERSION
 from setemb.embedding_store import EmbeddingStore, EmbeddingStoreWriter
 from setemb.feature_store import FeatureStore

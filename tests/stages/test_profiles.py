@@ -262,7 +262,8 @@ def test_list_and_show_cli() -> None:
 # ------------------------------------------------------------------------------------------- end-to-end systems
 @pytest.mark.parametrize("name", SYSTEM_PROFILES)
 def test_system_trains_and_evaluates_end_to_end(tmp_path: Path, tiny: Path, name: str) -> None:
-    from pipeline.ray_train import load_model, run_training
+    from pipeline.checkpoints import load_model
+    from pipeline.ray_train import run_training
     from setemb.embedding_store import EmbeddingStore
     from stages.embed import run_embed
     from stages.evaluate import run_evaluate
