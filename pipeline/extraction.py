@@ -32,14 +32,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.backbones import (
-    BadImageError,
-    PrecomputedRegions,
-    create_text_backbone,
-    create_visual_backbone,
-    decode_image,
-)
 from pipeline.cli import StageError
+from pipeline.image_backbones import BadImageError, PrecomputedRegions, create_visual_backbone, decode_image
+from pipeline.text_backbones import create_text_backbone
 from setemb.data import SplitIndex, missing_images
 from setemb.feature_store import FeatureStoreWriter, ModalityWriter
 

@@ -104,7 +104,7 @@ class QueryEncoder:
     def text_backbone(self) -> Any:
         """The frozen text backbone (built on first use)."""
         if self._text is None:
-            from pipeline.backbones import create_text_backbone
+            from pipeline.text_backbones import create_text_backbone
 
             name = self.extract.text_backbone
             summary = self._trained_backbone("text", name)
@@ -123,7 +123,7 @@ class QueryEncoder:
     def visual_backbone(self) -> Any:
         """The frozen visual backbone (built on first use); ValueError for precomputed region features."""
         if self._visual is None:
-            from pipeline.backbones import create_visual_backbone
+            from pipeline.image_backbones import create_visual_backbone
 
             name = self.extract.image_backbone
             if name == "precomputed":
@@ -174,7 +174,7 @@ class QueryEncoder:
         Raises:
             BadImageError: a file is missing or not a decodable image.
         """
-        from pipeline.backbones import decode_image
+        from pipeline.image_backbones import decode_image
 
         if not paths:
             raise ValueError("paths must name at least one image")

@@ -166,7 +166,7 @@ def _text_kwargs(extract: ExtractParams, inputs: _Inputs, out: Path, limit: int 
     """glove: the vocabulary of the TRAIN captions (after ``--limit``), saved once as ``<out>/vocab.json``."""
     if extract.text_backbone != "glove":
         return {}
-    from pipeline.backbones import Vocabulary, load_glove_vectors
+    from pipeline.text_backbones import Vocabulary, load_glove_vectors
 
     vocab_path = out / VOCAB_JSON
     if vocab_path.is_file():

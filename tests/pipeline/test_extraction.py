@@ -165,7 +165,7 @@ def test_regions_of_wrong_shape_fail_clearly(tmp_path: Path) -> None:
 
 
 def test_glove_stores_token_ids_and_vocab_size(tmp_path: Path, train_index) -> None:
-    from pipeline.backbones import Vocabulary
+    from pipeline.text_backbones import Vocabulary
 
     vocab = Vocabulary.build(train_index.captions)
     vocab.save(tmp_path / "vocab.json")

@@ -130,7 +130,7 @@ def test_precomp_of_wrong_shape_exit_1(tmp_path: Path, shapes: Path) -> None:
 
 
 def test_glove_vocabulary_from_train_captions_only(tmp_path: Path, shapes: Path) -> None:
-    from pipeline.backbones import Vocabulary
+    from pipeline.text_backbones import Vocabulary
     from setemb.data import read_karpathy
 
     result = cli(tmp_path, shapes, "--text-backbone", "glove", "--limit", "2")
