@@ -40,7 +40,7 @@ COCO_IMAGES, REGIONS, REGION_DIM, CPI, VOCAB = 113_287, 36, 2048, 5, 10_000
 
 def build_store(path: Path, n_images: int, seed: int) -> Path:
     """The synthetic store (skipped when a complete one with the same shape is there)."""
-    from setemb.store import FeatureStore, FeatureStoreWriter
+    from setemb.feature_store import FeatureStore, FeatureStoreWriter
 
     attrs = {"dataset": "bench_train_data", "n_images": n_images, "seed": seed}
     try:
@@ -106,8 +106,8 @@ def worker_loop(config: dict) -> None:
 
     from pipeline.params import TrainParams
     from pipeline.ray_train import build_loss, epoch_batches, resolve_model_kwargs, streaming_tables
+    from setemb.feature_store import FeatureStore
     from setemb.model import create_model
-    from setemb.store import FeatureStore
     from setemb.training import CaptionIndex, ImageCaptionBatches, _to_device
 
     train = TrainParams.model_validate(config["train"])

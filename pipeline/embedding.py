@@ -1,6 +1,6 @@
 """Embed the feature store's splits with the trained model into an embedding store (sets, ids, attention maps).
 
-Output (``paths.embeddings``, ``setemb.store`` embedding format): per split in ``embed.splits`` the sets
+Output (``paths.embeddings``, ``setemb.embedding_store`` format): per split in ``embed.splits`` the sets
 ``<split>/image`` ``[N, K, D]`` and ``<split>/text`` ``[C, L, D]`` float32 with ``ids``, ``caption_to_image`` (text:
 row of the caption's image in ``<split>/image``) and, when ``embed.save_attention`` is on and the head returns them,
 ``attention [N, K, Ntok]`` (zero beyond each item's length). Root attrs: ``similarity`` ``{"name", "kwargs"}`` as
@@ -33,7 +33,7 @@ UNIT_ITEMS = 1024  # items per resumable work unit of an embedding set
 
 def embed_fingerprint(params: Params, model_dir: Path, store: Any, limit: int | None) -> str:
     """Hash of what determines the embedding store: model weights and config, embed params, limit, feature attrs."""
-    from pipeline.ray_train import CONFIG_FILE, LOSS_FILE, MODEL_FILE
+    from pipeline.checkpoints import CONFIG_FILE, LOSS_FILE, MODEL_FILE
 
     groups = {
         f"{split}/{modality}": store.modality(split, modality).attrs
@@ -54,7 +54,7 @@ def _existing(path: Path) -> tuple[str | None, bool]:
     """(fingerprint, complete) of an existing embedding store at ``path``; (None, False) when there is none."""
     import zarr
 
-    from setemb.store import EMBEDDING_FORMAT
+    from setemb.embedding_store import EMBEDDING_FORMAT
 
     if not path.exists():
         return None, False
@@ -170,8 +170,10 @@ def run_embed(
     import numpy as np
     import torch
 
-    from pipeline.ray_train import load_model
-    from setemb.store import EmbeddingStoreWriter, FeatureStore, IncompleteStoreError
+    from pipeline.checkpoints import load_model
+    from setemb.embedding_store import EmbeddingStoreWriter
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
 
     model_dir, out = Path(model), Path(out)
     try:

@@ -267,9 +267,10 @@ def run_evaluate(
     import numpy as np
     import torch
 
+    from setemb.embedding_store import EmbeddingStore
     from setemb.metrics import RetrievalPrecisionAccumulator, circular_variance
     from setemb.similarity import score
-    from setemb.store import EmbeddingStore, IncompleteStoreError
+    from setemb.store import IncompleteStoreError
 
     ev = params.evaluate
     try:

@@ -89,7 +89,7 @@ def _store_attrs(out: Path) -> dict[str, Any] | None:
     """Root attrs of an existing feature store at ``out``, or None when ``out`` is not one."""
     import zarr
 
-    from setemb.store import FEATURE_FORMAT
+    from setemb.feature_store import FEATURE_FORMAT
 
     if not (out / "zarr.json").is_file():
         return None
@@ -164,7 +164,7 @@ def _text_kwargs(extract: ExtractParams, inputs: _Inputs, out: Path, limit: int 
     """glove: the vocabulary of the TRAIN captions (after ``--limit``), saved once as ``<out>/vocab.json``."""
     if extract.text_backbone != "glove":
         return {}
-    from pipeline.backbones import Vocabulary, load_glove_vectors
+    from pipeline.text_backbones import Vocabulary, load_glove_vectors
 
     vocab_path = out / VOCAB_JSON
     if vocab_path.is_file():
@@ -201,7 +201,7 @@ def run_extract(
         FileNotFoundError, ValueError, StageError: missing inputs or weights, bad images or captions (exit 1).
     """
     from pipeline.extraction import WorkerPool, run_extraction
-    from setemb.store import FeatureStoreWriter
+    from setemb.feature_store import FeatureStoreWriter
 
     signature = data_signature(extract, dataset_json, image_root, precomp_root)
     fp = fingerprint(extract, limit, signature)

@@ -147,8 +147,9 @@ def run_index(
         by another model.
     """
     from pipeline.query import model_digest, read_model_config
+    from setemb.embedding_store import EmbeddingStore
     from setemb.index import SetIndex
-    from setemb.store import EmbeddingStore, IncompleteStoreError
+    from setemb.store import IncompleteStoreError
 
     embeddings, model, out = Path(embeddings), Path(model), Path(out)
     split = params.index.split

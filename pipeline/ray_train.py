@@ -3,16 +3,8 @@
 ``run_training`` starts (or attaches to) Ray and runs a ``TorchTrainer`` whose workers each open the feature store
 themselves, train with DDP over gloo (CPU) or NCCL (GPU), and report once per epoch. Rank 0 validates on ``val``,
 writes the checkpoint (model, loss, optimizer, scheduler, grad scaler, epoch, best RSUM, history, resolved config),
-logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray.
-
-Checkpoint / export directory layout (``load_model`` reads either)::
-
-    model.pt        state dict of the unwrapped SetEmbeddingModel
-    loss.pt         state dict of the loss module (PCME's learnt scale / shift)
-    config.json     {"model": create_model kwargs (feature dims resolved), "loss": {"name", "kwargs"},
-                     "similarity": {"name", "kwargs"}, "train": TrainParams JSON, "seed", "captions_per_image",
-                     "epoch", "val_rsum", "features": {"image": {...}, "text": {...}}}
-    optimizer.pt, scheduler.pt, scaler.pt, state.json   (checkpoints only: what resuming needs)
+logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray (the files
+of checkpoints and exports: ``pipeline.checkpoints``).
 
 Test hook: when the environment variable ``SETEMB_TEST_FAIL_AT="epoch:step:rank"`` is set, the worker of that rank
 calls ``os._exit(1)`` just before training step ``step`` (0-based, as in the non-finite loss message) of epoch
@@ -40,11 +32,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.files import GLOVE_VECTORS, replace_dir, write_json_atomic
+from pipeline.checkpoints import export_model, load_checkpoint, save_checkpoint, write_json
+from pipeline.files import GLOVE_VECTORS, replace_dir
 from pipeline.params import Params, TrainDataParams, TrainParams
+from setemb.feature_store import FeatureStore, ModalityFeatures, SplitFeatures
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
-from setemb.store import FeatureStore, ModalityFeatures, SplitFeatures
 from setemb.streaming import StreamingTable, prefetch
 from setemb.training import (
     CaptionIndex,
@@ -58,8 +51,6 @@ from setemb.training import (
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, LOSS_FILE, CONFIG_FILE = "model.pt", "loss.pt", "config.json"
-STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE = "state.json", "optimizer.pt", "scheduler.pt", "scaler.pt"
 HISTORY_FILE = "history.json"
 SCORE_METRIC = "val_rsum"
 LOG_EVERY = 20
@@ -164,93 +155,10 @@ def build_loss(train: TrainParams) -> torch.nn.Module:
     return create_loss(train.loss.name, **train.loss.kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- export / reload
-def _write_json(path: Path, value: Any) -> None:
-    write_json_atomic(path, value, indent=2, sort_keys=True, default=float)
-
-
-def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy the model of a checkpoint (``model.pt``, ``loss.pt``, ``config.json``) to a plain directory.
-
-    Returns:
-        ``out_dir``; ``load_model(out_dir)`` rebuilds the model without Ray.
-    """
-    src, out = Path(checkpoint_dir), Path(out_dir)
-    missing = [f for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE) if not (src / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{src} is not a setemb checkpoint: missing {missing}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
-        shutil.copy2(src / f, staging / f)
-    replace_dir(staging, out)
-    return out
-
-
-def _load_strict(module: torch.nn.Module, state: dict[str, Any], what: str, where: Path) -> None:
-    """``load_state_dict(strict=True)`` with missing / unexpected keys and shape mismatches spelled out."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{where} does not match the {what} rebuilt from its config.json:\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {shapes}"
-        )
-    module.load_state_dict(state, strict=True)
-
-
-def load_model(
-    model_dir: str | os.PathLike, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """Rebuild ``(model, loss_fn, config)`` from an export (or a checkpoint) directory, strictly; eval mode.
-
-    Raises:
-        FileNotFoundError: a file is missing. ValueError: the weights do not fit the config (keys listed).
-    """
-    model_dir = Path(model_dir)
-    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
-        if not (model_dir / f).is_file():
-            raise FileNotFoundError(f"no {f} in {model_dir}; train first (`dvc repro train`) or pass a model directory")
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
-    model = create_model(**config["model"])
-    loss_fn = create_loss(config["loss"]["name"], **config["loss"]["kwargs"])
-    _load_strict(model, torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True), "model", model_dir)
-    _load_strict(loss_fn, torch.load(model_dir / LOSS_FILE, map_location="cpu", weights_only=True), "loss", model_dir)
-    return model.to(device).eval(), loss_fn.to(device).eval(), config
-
-
 # ------------------------------------------------------------------------------------------------ worker helpers
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Torch RNG seed of one (epoch, rank): token drop and dropout replay exactly after a resume."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def _save_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler, config, state) -> None:
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save(loss_fn.state_dict(), directory / LOSS_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
-    torch.save(scaler.state_dict(), directory / SCALER_FILE)
-    _write_json(directory / CONFIG_FILE, config)
-    _write_json(directory / STATE_FILE, state)
-
-
-def _load_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler) -> dict[str, Any]:
-    def load(name: str) -> Any:
-        return torch.load(directory / name, map_location="cpu", weights_only=True)
-
-    _load_strict(model, load(MODEL_FILE), "model", directory)
-    _load_strict(loss_fn, load(LOSS_FILE), "loss", directory)
-    optimizer.load_state_dict(load(OPTIMIZER_FILE))
-    scheduler.load_state_dict(load(SCHEDULER_FILE))
-    scaler.load_state_dict(load(SCALER_FILE))
-    return json.loads((directory / STATE_FILE).read_text())
 
 
 def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
@@ -543,9 +451,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # Ray's restart after a failure, or a resumed run (same name and storage)
         with checkpoint.as_directory() as d:
-            state = _load_checkpoint(Path(d), **objects)
+            state = load_checkpoint(Path(d), **objects)
     elif config.get("resume_from"):
-        state = _load_checkpoint(Path(config["resume_from"]), **objects)
+        state = load_checkpoint(Path(config["resume_from"]), **objects)
     start_epoch = int(state["epoch"]) + 1
     if rank == 0 and start_epoch > 0:
         logger.info("resuming at epoch %d (best val RSUM so far %s)", start_epoch, state["best_rsum"])
@@ -618,9 +526,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:  # in the driver's process (local mode): the summary line is ours to write
             logger.info("%s", epoch_summary(metrics, optim.epochs))
         _log_live(live, epoch, metrics)
-        _write_json(run_dir / HISTORY_FILE, state["history"])
+        write_json(run_dir / HISTORY_FILE, state["history"])
         with tempfile.TemporaryDirectory(prefix="setemb-ckpt-") as tmp:
-            _save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
+            save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
             if improved:
                 export_model(tmp, config["best_model_dir"])
             if config.get("local_state_dir"):  # local mode: Ray keeps no checkpoint, keep our own for resuming

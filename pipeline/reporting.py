@@ -84,8 +84,9 @@ def run_report(
 
     from pipeline.report import Hit, Query, render_gallery, spread, write_thumbnail
     from setemb.data import read_karpathy
+    from setemb.embedding_store import EmbeddingStore
     from setemb.similarity import score
-    from setemb.store import EmbeddingStore, IncompleteStoreError
+    from setemb.store import IncompleteStoreError
 
     rp = params.report
     out, dataset_json = Path(out), Path(dataset_json)
@@ -189,7 +190,7 @@ def _figures(rp: Any, image: Any, text: Any, captions: list[str], c2i: Any, path
         safe_name,
         spread,
     )  # fmt: skip
-    from setemb.store import FeatureStore
+    from setemb.feature_store import FeatureStore
 
     if rp.num_images == 0:
         return []

@@ -54,7 +54,8 @@ def features_fingerprint(features: str | os.PathLike) -> str:
     """
     import numpy as np
 
-    from setemb.store import FeatureStore, IncompleteStoreError
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
 
     try:
         store = FeatureStore.open(features)
@@ -203,7 +204,8 @@ def run_train(
     """
     from ray.train import TrainingFailedError
 
-    from pipeline.ray_train import CONFIG_FILE, export_model, run_training
+    from pipeline.checkpoints import CONFIG_FILE, export_model
+    from pipeline.ray_train import run_training
     from setemb.store import IncompleteStoreError
     from setemb.training import NonFiniteLossError
 

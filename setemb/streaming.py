@@ -124,7 +124,7 @@ class StreamingTable:
 
     @classmethod
     def from_features(cls, features: Any, block_items: int, cache_blocks: int) -> StreamingTable:
-        """A streaming view of a store's ``ModalityFeatures`` (``setemb.store``): unit-aligned blocks of
+        """A streaming view of a store's ``ModalityFeatures`` (``setemb.feature_store``): unit-aligned blocks of
         ``block_items`` items, the arrays read lazily."""
         bounds = block_bounds(len(features), block_items, int(features.attrs.get("unit_size", len(features))))
         return cls(

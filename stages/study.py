@@ -199,7 +199,7 @@ def build_grid(
 # ---------------------------------------------------------------------------------------------------- one cell
 def _patched_model(model_dir: Path, out: Path, overrides: dict[str, Any]) -> Path:
     """A copy of the exported model whose ``config.json["model"]`` has ``overrides`` merged in (same weights)."""
-    from pipeline.ray_train import CONFIG_FILE
+    from pipeline.checkpoints import CONFIG_FILE
 
     if out.exists():
         shutil.rmtree(out)
@@ -217,8 +217,8 @@ def distinct_score_fraction(embeddings: Path, info: dict[str, Any], rows: int = 
     About 1 for a working scorer; near 0 when the scores saturate (e.g. a match probability that underflows to 0
     for far-apart samples), which the recall tie rule would report as perfect retrieval.
     """
+    from setemb.embedding_store import EmbeddingStore
     from setemb.similarity import score
-    from setemb.store import EmbeddingStore
 
     store, split = EmbeddingStore.open(embeddings), info["split"]
 
@@ -644,7 +644,8 @@ def ensure_features(params: Params, features: Path) -> Path:
     """
     from pipeline.feature_cache import run_extract
     from pipeline.shapes import run_prepare
-    from setemb.store import FeatureStore, IncompleteStoreError
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
 
     try:
         FeatureStore.open(features)
@@ -689,7 +690,7 @@ def estimate_default_study(
     """
     import statistics
 
-    from setemb.store import FeatureStore
+    from setemb.feature_store import FeatureStore
 
     measured: dict[tuple, list[float]] = {}
     overheads = []

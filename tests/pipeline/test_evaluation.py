@@ -9,8 +9,8 @@ import pytest
 
 from pipeline.evaluation import run_evaluate
 from pipeline.params import load_params
+from setemb.embedding_store import EmbeddingStore
 from setemb.metrics import five_fold_1k, recall_at_k
-from setemb.store import EmbeddingStore
 from tests.stages.test_embed_evaluate import dense_sims, synthetic_store
 from tests.stages.test_train import CPI, write_params
 

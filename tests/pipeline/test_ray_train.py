@@ -1,4 +1,4 @@
-"""Tests of pipeline.ray_train: Ray Train wiring, checkpoints, resume, export / reload."""
+"""Tests of pipeline.ray_train: Ray Train wiring, local mode and DDP, resume, the exported best model."""
 
 from __future__ import annotations
 
@@ -10,17 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import export_model, load_model
 from pipeline.params import LossParams, ModelParams, OptimParams, Params, RayParams, TrainParams
-from pipeline.ray_train import (
-    export_model,
-    feature_table,
-    load_model,
-    resolve_model_kwargs,
-    run_training,
-)
-from setemb.losses import create_loss
-from setemb.model import create_model
-from setemb.store import FeatureStore, FeatureStoreWriter
+from pipeline.ray_train import feature_table, resolve_model_kwargs, run_training
+from setemb.feature_store import FeatureStore, FeatureStoreWriter
 from setemb.training import encode_table, image_tower, text_tower, validate
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -168,28 +161,6 @@ def test_pcme_loss_parameters_are_trained_and_saved(store, tmp_path):
     assert config["similarity"]["kwargs"]["shift"] == pytest.approx(2 * shift)  # evaluation scores as trained
 
 
-def test_load_model_is_strict_and_names_the_keys(tmp_path):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    kwargs = resolve_model_kwargs(tiny_params().train.model.model_dump(mode="json"), {"local_dim": 8}, {"local_dim": 6})
-    model = create_model(**kwargs)
-    state = model.state_dict()
-    state["image.extra_weight"] = torch.zeros(1)
-    dropped = next(iter(state))
-    del state[dropped]
-    torch.save(state, model_dir / "model.pt")
-    torch.save(create_loss("triplet").state_dict(), model_dir / "loss.pt")
-    (model_dir / "config.json").write_text(
-        json.dumps({"model": model.config, "loss": {"name": "triplet", "kwargs": {}}})
-    )
-    with pytest.raises(ValueError) as err:
-        load_model(model_dir)
-    assert "image.extra_weight" in str(err.value) and dropped in str(err.value)
-    os.remove(model_dir / "loss.pt")
-    with pytest.raises(FileNotFoundError, match="loss.pt"):
-        load_model(model_dir)
-
-
 # ---------------------------------------------------------------------------------------------------- DDP on Ray
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -255,7 +226,7 @@ def test_bigru_word_embeddings_start_from_the_extracted_glove_vectors(tmp_path) 
 @pytest.mark.ray
 def test_training_streams_the_store_and_never_reads_a_whole_split(tmp_path, monkeypatch):
     """Every read of feature rows on the training path (train epochs and validation) is one bounded block."""
-    from setemb.store import ModalityFeatures
+    from setemb.feature_store import ModalityFeatures
     from tests.setemb.test_streaming import CountingRows
 
     path = write_store(tmp_path / "features.zarr", sizes=(("train", 96), ("val", 32)))

@@ -31,7 +31,8 @@ from pipeline.report import (
 from pipeline.reporting import GALLERY_HTML, run_report
 from pipeline.shapes import generate_shapes, load_relevance
 from setemb.data import read_karpathy
-from setemb.store import EmbeddingStoreWriter, FeatureStoreWriter
+from setemb.embedding_store import EmbeddingStoreWriter
+from setemb.feature_store import FeatureStoreWriter
 
 runner = CliRunner()
 K, L, D, GRID, CPI = 3, 2, 16, (7, 7), 5

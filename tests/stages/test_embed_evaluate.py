@@ -11,12 +11,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from pipeline.checkpoints import load_model
 from pipeline.params import Params
-from pipeline.ray_train import feature_table, load_model, run_training
+from pipeline.ray_train import feature_table, run_training
 from pipeline.shapes import RELATION_MARGIN, SHAPES_VERSION
+from setemb.embedding_store import EmbeddingStore, EmbeddingStoreWriter
+from setemb.feature_store import FeatureStore
 from setemb.metrics import map_at_r, r_precision, recall_at_k
 from setemb.similarity import score
-from setemb.store import EmbeddingStore, EmbeddingStoreWriter, FeatureStore
 from setemb.training import encode_table, image_tower, text_tower
 from stages.embed import app as embed_app
 from stages.evaluate import app as evaluate_app

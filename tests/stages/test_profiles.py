@@ -262,10 +262,11 @@ def test_list_and_show_cli() -> None:
 # ------------------------------------------------------------------------------------------- end-to-end systems
 @pytest.mark.parametrize("name", SYSTEM_PROFILES)
 def test_system_trains_and_evaluates_end_to_end(tmp_path: Path, tiny: Path, name: str) -> None:
+    from pipeline.checkpoints import load_model
     from pipeline.embedding import run_embed
     from pipeline.evaluation import run_evaluate
-    from pipeline.ray_train import load_model, run_training
-    from setemb.store import EmbeddingStore
+    from pipeline.ray_train import run_training
+    from setemb.embedding_store import EmbeddingStore
 
     params = profile_params(name, tiny)
     paths = params.paths

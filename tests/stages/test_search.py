@@ -26,9 +26,9 @@ from pipeline.query import QueryEncoder
 from pipeline.ray_train import run_training
 from pipeline.shapes import generate_shapes
 from setemb.data import read_karpathy
+from setemb.embedding_store import EmbeddingStore
 from setemb.index import SetIndex
 from setemb.similarity import score
-from setemb.store import EmbeddingStore
 from stages.index import app as index_app
 from stages.search import app as search_app
 

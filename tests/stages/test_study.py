@@ -253,7 +253,7 @@ def test_pcme_variants_patch_the_model_not_the_weights(tmp_path: Path, tiny: Pat
     assert set(variants) == {"default", "mean_samples", "mu_only"}
     assert variants["default"]["metrics"]["info"]["similarity"] == "match_probability"
     assert variants["mean_samples"]["metrics"]["info"]["similarity"] == "mean_similarity"
-    from setemb.store import EmbeddingStore
+    from setemb.embedding_store import EmbeddingStore
 
     job: CellJob = jobs[0]
     sampled = EmbeddingStore.open(Path(job.directory) / "embeddings.zarr")["test/image"].embeddings

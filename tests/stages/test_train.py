@@ -13,7 +13,7 @@ import yaml
 import zarr
 from typer.testing import CliRunner
 
-from setemb.store import FeatureStoreWriter
+from setemb.feature_store import FeatureStoreWriter
 from stages.embed import app as embed_app
 from stages.evaluate import app as evaluate_app
 from stages.train import app as train_app
