@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.checkpoints import export_model, load_checkpoint, save_checkpoint, write_json
+from pipeline.checkpoints import STATE_FILE, export_model, load_checkpoint, save_checkpoint, write_json
 from pipeline.files import GLOVE_VECTORS, replace_dir
 from pipeline.params import Params, TrainDataParams, TrainParams
 from setemb.feature_store import FeatureStore, ModalityFeatures, SplitFeatures
+from setemb.locations import exists, is_url, join, remove_tree, resolve
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
 from setemb.streaming import StreamingTable, prefetch
@@ -64,14 +65,15 @@ class TrainResult:
 
     Attributes:
         best_model: plain export directory of the best model (``load_model`` reads it).
-        best_checkpoint: Ray checkpoint directory of the best epoch (None in local mode: Ray does not persist them).
+        best_checkpoint: Ray checkpoint directory of the best epoch (a URL with remote storage; None in local mode:
+            Ray does not persist them).
         best_rsum: best validation RSUM, None without a ``val`` split (then the best model is the last one).
         metrics: the last epoch's reported metrics.
         history: every epoch's metrics, in order (resumed runs included).
     """
 
     best_model: Path
-    best_checkpoint: Path | None
+    best_checkpoint: Path | str | None
     best_rsum: float | None
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -464,7 +466,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     live = _open_live(config.get("dvclive_dir"), resume=start_epoch > 0) if rank == 0 else None
     channel = config.get("console") if rank == 0 else None
     show_bar = rank == 0 and not config.get("quiet") and sys.stderr.isatty()
-    run_dir = Path(config["run_dir"])
+    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
 
     for epoch in range(start_epoch, stop):
         if optim.no_mining_epochs > 0:
@@ -473,7 +475,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = epoch_batches(
             image_table, text_table, caption_index, sampler(epoch), steps_per_epoch, train.data.prefetch_batches
         )
-        batches = _test_fail_at(batches, epoch, rank, run_dir)
+        if run_dir is not None:
+            batches = _test_fail_at(batches, epoch, rank, run_dir)
         progress = _Progress(steps_per_epoch, epoch, show_bar, channel)
         start = time.perf_counter()
         try:
@@ -526,10 +529,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:  # in the driver's process (local mode): the summary line is ours to write
             logger.info("%s", epoch_summary(metrics, optim.epochs))
         _log_live(live, epoch, metrics)
-        write_json(run_dir / HISTORY_FILE, state["history"])
+        if run_dir is not None:
+            write_json(run_dir / HISTORY_FILE, state["history"])
         with tempfile.TemporaryDirectory(prefix="setemb-ckpt-") as tmp:
             save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
-            if improved:
+            if improved and config.get("best_model_dir"):
                 export_model(tmp, config["best_model_dir"])
             if config.get("local_state_dir"):  # local mode: Ray keeps no checkpoint, keep our own for resuming
                 staging = Path(tempfile.mkdtemp(prefix=".local_state.", dir=run_dir))
@@ -586,8 +590,11 @@ def run_training(
 
     Args:
         params: the validated params (``train``, ``seed`` and ``extract.captions_per_image`` are read).
-        features: the feature store (``train`` split required, ``val`` used for model selection when present).
-        storage_path: Ray's storage; checkpoints go to ``<storage_path>/<run_name>/checkpoint_*``.
+        features: the feature store (``train`` split required, ``val`` used for model selection when present): a local
+            path or an fsspec URL every node can read (``s3://bucket/features.zarr``; ``setemb.locations``).
+        storage_path: Ray's storage, a local path or a URL; checkpoints go to
+            ``<storage_path>/<run_name>/checkpoint_*``. With a URL the driver reads the history from the latest
+            checkpoint and exports the best one itself, so no node needs another's filesystem.
         run_name: Ray run name. Without ``resume`` an existing ``<storage_path>/<run_name>`` is deleted first
             (Ray would otherwise silently resume it).
         resume: continue from the run's latest checkpoint (Ray's snapshot; in local mode our own copy).
@@ -610,28 +617,39 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     train = params.train
-    features = Path(features).resolve()
+    features = resolve(features)
     store = FeatureStore.open(features)  # FileNotFoundError / IncompleteStoreError before any Ray work
     if "train" not in store.splits:
         raise ValueError(f"feature store {features} has no train split (has {store.splits}); extract it first")
     has_val = "val" in store.splits
-    storage = Path(storage_path).resolve()
-    run_dir = storage / run_name
-    if run_dir.exists() and not resume:
-        logger.warning("removing the previous run at %s (pass resume=True to continue it)", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    best_dir = Path(model_dir).resolve() if model_dir is not None else run_dir / "model"
+    storage = resolve(storage_path)
+    remote = is_url(storage)  # checkpoints in object storage: every node reaches them, no shared filesystem
     local_mode = train.ray.num_workers == 0
-    local_state = run_dir / "local_state"
+    if remote and local_mode:
+        raise ValueError(
+            f"train.ray.num_workers=0 keeps its checkpoints on this machine; use a local storage path, not {storage}"
+        )
+    run_location = join(storage, run_name)
+    if exists(run_location) and not resume:
+        logger.warning("removing the previous run at %s (pass resume=True to continue it)", run_location)
+        remove_tree(run_location)
+    # Our own files beside Ray's (history.json, the best-model export, the local-mode state, test markers): in the
+    # run directory when it is local; with remote storage the driver rebuilds them from the checkpoints instead.
+    run_dir = None if remote else Path(run_location)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if model_dir is None and run_dir is None:
+        raise ValueError("remote storage needs a local model_dir for the exported model")
+    best_dir = Path(model_dir).resolve() if model_dir is not None else run_dir / "model"
+    local_state = None if run_dir is None else run_dir / "local_state"
     config = {
         "train": train.model_dump(mode="json"),
-        "features": str(features),
+        "features": features,
         "seed": params.seed,
         "captions_per_image": params.extract.captions_per_image,
         "resume_from": str(local_state) if local_mode and resume and local_state.is_dir() else None,
-        "best_model_dir": str(best_dir),
-        "run_dir": str(run_dir),
+        "best_model_dir": None if remote else str(best_dir),
+        "run_dir": None if run_dir is None else str(run_dir),
         "local_state_dir": str(local_state) if local_mode else None,
         "dvclive_dir": None if dvclive_dir is None else str(Path(dvclive_dir).resolve()),
         "stop_after_epochs": stop_after_epochs,
@@ -672,12 +690,21 @@ def run_training(
 
             ray.shutdown()
 
-    history_file = run_dir / HISTORY_FILE
-    history = json.loads(history_file.read_text()) if history_file.is_file() else []
     best_checkpoint = None
+    if run_dir is not None:
+        history_file = run_dir / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    else:  # remote storage: the latest checkpoint holds the whole history
+        with result.checkpoint.as_directory() as latest:
+            history = json.loads((Path(latest) / STATE_FILE).read_text())["history"]
     if not local_mode:
         best = result.get_best_checkpoint(SCORE_METRIC, "max") if has_val else result.checkpoint
-        best_checkpoint = Path(best.path) if best is not None else None
+        if best is not None and remote:
+            with best.as_directory() as directory:
+                export_model(directory, best_dir)
+            best_checkpoint = f"{storage.split('://', 1)[0]}://{best.path.lstrip('/')}"  # Ray gives a bucket path
+        elif best is not None:
+            best_checkpoint = Path(best.path)
     rsums = [h["val_rsum"] for h in history if "val_rsum" in h]
     return TrainResult(
         best_model=best_dir,

@@ -168,6 +168,45 @@ def _nonfinite_message(error: BaseException) -> str | None:
     return match.group(0) if match else None
 
 
+def _train_and_export(params, features, storage, run_name, resume, address, quiet, verbose, model_dir, live, out):
+    # (positional on purpose: the one caller is run_train, which documents every argument)
+    """``run_training`` under the stage's error contract, then the best model exported to ``out``."""
+    from ray.train import TrainingFailedError
+
+    from pipeline.checkpoints import CONFIG_FILE, export_model
+    from pipeline.ray_train import run_training
+    from setemb.store import IncompleteStoreError
+    from setemb.training import NonFiniteLossError
+
+    try:
+        result = run_training(
+            params,
+            features=features,
+            storage_path=storage,
+            run_name=run_name,
+            resume=resume,
+            address=address,
+            quiet=quiet,
+            verbose=verbose,
+            model_dir=model_dir,
+            dvclive_dir=live,
+        )
+    except IncompleteStoreError as e:
+        raise StageError(str(e)) from None
+    except (NonFiniteLossError, TrainingFailedError) as e:  # local mode raises the first, Ray wraps it
+        message = _nonfinite_message(e)
+        if message is not None:
+            raise StageError(f"training stopped: {message}") from e
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise StageError(f"Ray training failed ({type(e).__name__}): {first}; rerun with --debug for details") from e
+
+    best_dir = Path(result.best_model)
+    if not (best_dir / CONFIG_FILE).is_file():
+        raise StageError(f"run {run_name} in {storage} exported no model; rerun with --no-resume to train from scratch")
+    export_model(best_dir, out)
+    return result
+
+
 # ---------------------------------------------------------------------------------------------------------- stage
 def run_train(
     params: Params,
@@ -202,18 +241,18 @@ def run_train(
         FileNotFoundError: no feature store. StageError: incomplete store, non-finite loss (with the epoch and step),
         failed Ray job, or no model exported.
     """
-    from ray.train import TrainingFailedError
+    from pipeline.checkpoints import CONFIG_FILE
+    from setemb.locations import glob, is_url, join
 
-    from pipeline.checkpoints import CONFIG_FILE, export_model
-    from pipeline.ray_train import run_training
-    from setemb.store import IncompleteStoreError
-    from setemb.training import NonFiniteLossError
-
+    Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
     digest = features_fingerprint(features)
     run_name = run_name_for(params, digest)
-    run_dir = Path(storage) / run_name
-    if resume is None:
-        resume = (run_dir / "history.json").is_file()
+    run_dir = join(storage, run_name)
+    if resume is None:  # a run with a finished epoch: our history file, or (remote storage) a Ray checkpoint
+        resume = bool(glob(run_dir, "checkpoint_*")) if is_url(run_dir) else (Path(run_dir) / "history.json").is_file()
+    # remote storage: the driver exports the best checkpoint into a local scratch folder, then into `out`
+    scratch = tempfile.TemporaryDirectory(prefix=".model.", dir=Path(out).resolve().parent) if is_url(run_dir) else None
+    model_dir = Path(scratch.name) if scratch is not None else Path(run_dir) / "model"
     logger.info(
         "run %s in %s (%s); %d Ray workers",
         run_name,
@@ -222,31 +261,11 @@ def run_train(
         params.train.ray.num_workers,
     )
     try:
-        result = run_training(
-            params,
-            features=features,
-            storage_path=storage,
-            run_name=run_name,
-            resume=resume,
-            address=address,
-            quiet=quiet,
-            verbose=verbose,
-            model_dir=run_dir / "model",
-            dvclive_dir=live,
-        )
-    except IncompleteStoreError as e:
-        raise StageError(str(e)) from None
-    except (NonFiniteLossError, TrainingFailedError) as e:  # local mode raises the first, Ray wraps it
-        message = _nonfinite_message(e)
-        if message is not None:
-            raise StageError(f"training stopped: {message}") from e
-        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-        raise StageError(f"Ray training failed ({type(e).__name__}): {first}; rerun with --debug for details") from e
-
-    best_dir = Path(result.best_model)
-    if not (best_dir / CONFIG_FILE).is_file():
-        raise StageError(f"the run {run_dir} exported no model; rerun with --no-resume to train from scratch")
-    export_model(best_dir, out)
+        result = _train_and_export(params, features, storage, run_name, resume, address, quiet, verbose, model_dir,
+                                   live, out)  # fmt: skip
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     config = json.loads((Path(out) / CONFIG_FILE).read_text())
     if live is not None and result.history:
         write_live(live, result.history)

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import zarr
 
+from setemb.locations import exists
+
 _CONSOLIDATED_WARNING = "Consolidated metadata is currently not part"
 
 
@@ -46,7 +48,7 @@ def _hint(kind: str) -> str:
 
 def open_complete(path: str | Path, kind: str, fmt: str) -> zarr.Group:
     """Open a finished store read-only; FileNotFoundError / IncompleteStoreError with a one-line hint otherwise."""
-    if not Path(path).exists():
+    if not exists(path):
         raise FileNotFoundError(f"{kind} store {path} does not exist; run {_hint(kind)} to create it")
     with _quiet_consolidated():
         group = zarr.open_group(str(path), mode="r")
@@ -63,7 +65,7 @@ def open_complete(path: str | Path, kind: str, fmt: str) -> zarr.Group:
 
 def open_for_writing(path: str | Path, fmt: str, overwrite: bool, attrs: dict[str, Any] | None) -> zarr.Group:
     """Create a store of format ``fmt`` (``complete=False``), or reopen an existing one for resuming."""
-    if overwrite or not Path(path).exists():
+    if overwrite or not exists(path):
         group = zarr.open_group(str(path), mode="w")
         group.attrs.update({**(attrs or {}), "format": fmt, "complete": False})
         return group

@@ -15,7 +15,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     params_path: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read"),
-    features: Path = typer.Option(Path("artifacts/features.zarr"), "--features", help="feature store (paths.features)"),
+    features: str = typer.Option(
+        "artifacts/features.zarr", "--features", help="feature store (paths.features): a path or an fsspec URL"
+    ),
     model: Path = typer.Option(Path("artifacts/model"), "--model", help="exported model directory (paths.model)"),
     out: Path = typer.Option(
         Path("artifacts/embeddings.zarr"), "--out", help="embedding store to write (paths.embeddings)"

@@ -15,9 +15,11 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @app.command()
 def main(
     params_path: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read"),
-    features: Path = typer.Option(Path("artifacts/features.zarr"), "--features", help="feature store (paths.features)"),
-    storage: Path = typer.Option(
-        Path("artifacts/training"), "--storage", help="Ray training storage, kept across runs (paths.training)"
+    features: str = typer.Option(
+        "artifacts/features.zarr", "--features", help="feature store (paths.features): a path or an fsspec URL"
+    ),
+    storage: str = typer.Option(
+        "artifacts/training", "--storage", help="Ray training storage, kept across runs (paths.training): path or URL"
     ),
     out: Path = typer.Option(Path("artifacts/model"), "--out", help="exported best model directory (paths.model)"),
     live: Path = typer.Option(Path("dvclive"), "--live", help="dvclive directory (paths.dvclive)"),
