@@ -21,6 +21,7 @@ from PIL import Image
 from pipeline.plots import PNG_SCALE, TEMPLATE, png_names, render_template, write_plot_pngs
 from pipeline.report import Hit, Query, render_gallery, write_thumbnail
 from tests.browser import open_offline
+from tests.stages.test_report import tiny  # noqa: F401 (fixture: a tiny dataset, feature and embedding store)
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -197,6 +198,25 @@ def test_plot_pngs_are_the_charts_of_the_page(repo: Path, tmp_path: Path) -> Non
         assert line > 0.002, f"{path.name}: no line drawn"
         assert dark > 0.002, f"{path.name}: no axis text"
     assert sorted((tmp_path / "plots").iterdir()) == written  # nothing else (the staging folder is gone)
+
+
+def test_report_stage_writes_the_pngs_beside_the_gallery(tiny: dict[str, Path], repo: Path, tmp_path: Path) -> None:  # noqa: F811
+    from typer.testing import CliRunner
+
+    from stages.report import GALLERY_HTML, PLOTS_DIR, app
+
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"seed": 0}))
+    out = tmp_path / "reports"
+    shapes = tiny["shapes"]
+    args = ["--params", str(params), "--embeddings", str(tiny["embeddings"]), "--dataset-json",
+            str(shapes / "dataset.json"), "--image-root", str(shapes / "images"), "--out", str(out),
+            "--plots-repo", str(repo), "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (out / GALLERY_HTML).is_file()
+    assert sorted(p.name for p in (out / PLOTS_DIR).iterdir()) == ["recall_at_k.png", "train_loss.png", "val_rsum.png"]
+    assert f"3 charts of `dvc plots show` in {out / PLOTS_DIR}" in result.output
 
 
 def test_plot_pngs_fail_readably_without_plot_data(tmp_path: Path) -> None:
