@@ -34,6 +34,7 @@ TEMPLATE = Path(".dvc") / "offline_plots.html"
 # DVC's vega templates are vega-lite v5 specs ("$schema": .../vega-lite/v5.json): bundle and render with the newest
 # v5 that vl-convert carries, for the page and the PNGs alike.
 VEGALITE_VERSION = "5.21"
+PLOTS_DIR = "plots"  # the report stage writes the PNGs to <reports>/plots/
 PNG_SCALE = 2.0  # DVC's charts are 300 x 300 css px: 2x gives a sharp ~800 px wide file
 _PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")  # what dvc_render.HTML.embed replaces
 

@@ -6,8 +6,6 @@ Output (``--out``, e.g. ``reports/``)::
     images/*.jpg        gallery thumbnails (relative paths: the folder is self-contained and works offline)
     attention/*.png     one figure per image: the image, then each set element's attention over the conv grid,
                         titled with the caption nearest to that element (``pipeline.report.nearest_captions``)
-    plots/*.png         with ``--plots-repo``: every chart of ``dvc plots show`` (training curves, recall@K) as a PNG
-                        (``pipeline.plots.write_plot_pngs``)
 
 Queries are spread evenly over the split (``pipeline.report.spread``): ``report.num_text_queries`` captions,
 ``report.num_image_queries`` and ``report.num_images`` images. Ranking uses the similarity the model was trained
@@ -35,7 +33,7 @@ from pipeline.params import Params
 logger = logging.getLogger("setemb.stage.report")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-GALLERY_HTML, IMAGES_DIR, ATTENTION_DIR, PLOTS_DIR = "gallery.html", "images", "attention", "plots"
+GALLERY_HTML, IMAGES_DIR, ATTENTION_DIR = "gallery.html", "images", "attention"
 
 
 def _similarity(report: Any, attrs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -244,7 +242,7 @@ def main(
     ),
     out: Path = typer.Option(Path("reports"), "--out", help="report folder (gallery.html, images/, attention/)"),
     plots_repo: Path | None = typer.Option(
-        None, "--plots-repo", help="DVC repo whose `dvc plots show` charts are also written to <out>/plots/*.png"
+        None, "--plots-repo", help="DVC repo whose `dvc plots show` charts are also written as <out>/plots/*.png"
     ),
     quiet: bool = typer.Option(False, "--quiet", help="warnings only"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
@@ -264,7 +262,7 @@ def main(
     )
     typer.echo(f"gallery at {result['gallery']} ({result['tiles']} results), {len(result['figures'])} figures")
     if plots_repo is not None:
-        from pipeline.plots import write_plot_pngs
+        from pipeline.plots import PLOTS_DIR, write_plot_pngs
 
         charts = call(write_plot_pngs, out / PLOTS_DIR, repo=plots_repo, debug=debug)
         typer.echo(f"{len(charts)} charts of `dvc plots show` in {out / PLOTS_DIR}")

@@ -203,7 +203,8 @@ def test_plot_pngs_are_the_charts_of_the_page(repo: Path, tmp_path: Path) -> Non
 def test_report_stage_writes_the_pngs_beside_the_gallery(tiny: dict[str, Path], repo: Path, tmp_path: Path) -> None:  # noqa: F811
     from typer.testing import CliRunner
 
-    from stages.report import GALLERY_HTML, PLOTS_DIR, app
+    from pipeline.plots import PLOTS_DIR
+    from stages.report import app
 
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"seed": 0}))
@@ -214,7 +215,7 @@ def test_report_stage_writes_the_pngs_beside_the_gallery(tiny: dict[str, Path], 
             "--plots-repo", str(repo), "--quiet"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert (out / GALLERY_HTML).is_file()
+    assert (out / "gallery.html").is_file()
     assert sorted(p.name for p in (out / PLOTS_DIR).iterdir()) == ["recall_at_k.png", "train_loss.png", "val_rsum.png"]
     assert f"3 charts of `dvc plots show` in {out / PLOTS_DIR}" in result.output
 
