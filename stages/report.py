@@ -29,6 +29,9 @@ def main(
         "", "--relevance", help='exhaustive relevance file (paths.relevance); "" marks only the original pairs'
     ),
     out: Path = typer.Option(Path("reports"), "--out", help="report folder (gallery.html, images/, attention/)"),
+    plots_repo: Path | None = typer.Option(
+        None, "--plots-repo", help="DVC repo whose `dvc plots show` charts are also written as <out>/plots/*.png"
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="warnings only"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
@@ -46,6 +49,11 @@ def main(
         debug=debug,
     )
     typer.echo(f"gallery at {result['gallery']} ({result['tiles']} results), {len(result['figures'])} figures")
+    if plots_repo is not None:
+        from pipeline.plots import PLOTS_DIR, write_plot_pngs
+
+        charts = call(write_plot_pngs, out / PLOTS_DIR, repo=plots_repo, debug=debug)
+        typer.echo(f"{len(charts)} charts of `dvc plots show` in {out / PLOTS_DIR}")
 
 
 if __name__ == "__main__":
