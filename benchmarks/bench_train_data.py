@@ -105,7 +105,8 @@ def worker_loop(config: dict) -> None:
     import torch
 
     from pipeline.params import TrainParams
-    from pipeline.ray_train import build_loss, epoch_batches, resolve_model_kwargs, streaming_tables
+    from pipeline.ray_train import build_loss, resolve_model_kwargs
+    from pipeline.train_data import epoch_batches, streaming_tables
     from setemb.feature_store import FeatureStore
     from setemb.model import create_model
     from setemb.training import CaptionIndex, ImageCaptionBatches, _to_device

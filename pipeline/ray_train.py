@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -34,17 +32,16 @@ import torch
 
 from pipeline.checkpoints import STATE_FILE, export_model, load_checkpoint, save_checkpoint, write_json
 from pipeline.files import GLOVE_VECTORS, replace_dir
-from pipeline.params import Params, TrainDataParams, TrainParams
-from setemb.feature_store import FeatureStore, ModalityFeatures, SplitFeatures
+from pipeline.params import Params, TrainParams
+from pipeline.train_console import DriverConsole, Progress, epoch_summary
+from pipeline.train_data import epoch_batches, sequential_tables, streaming_tables
+from setemb.feature_store import FeatureStore
 from setemb.locations import exists, is_url, join, remove_tree, resolve
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
-from setemb.streaming import StreamingTable, prefetch
 from setemb.training import (
     CaptionIndex,
-    FeatureTable,
     ImageCaptionBatches,
-    make_batch,
     train_one_epoch,
     validate,
     warmup_cosine_schedule,
@@ -80,15 +77,6 @@ class TrainResult:
 
 
 # ------------------------------------------------------------------------------------------------ features / model
-def feature_table(features: ModalityFeatures) -> FeatureTable:
-    """A ``FeatureTable`` from an in-memory ``ModalityFeatures`` (``load_to_memory()``)."""
-    if not features.in_memory:
-        features = features.load_to_memory()
-    # ModalityFeatures exposes no public accessor for the compacted local rows; read its in-memory array.
-    local = features._arrays["local"]
-    return FeatureTable(local, features.starts, features.lengths, features.global_features)
-
-
 def resolve_model_kwargs(
     model: dict[str, Any], image_attrs: dict[str, Any], text_attrs: dict[str, Any]
 ) -> dict[str, Any]:
@@ -183,96 +171,6 @@ def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
     return sync
 
 
-class _Progress:
-    """One epoch's progress on rank 0, fed by ``train_one_epoch``'s progress callback: a tqdm bar on stderr (TTY only)
-    when the loop runs in the driver's process, else messages to the driver's ``DriverConsole`` queue."""
-
-    def __init__(self, total: int, epoch: int, enabled: bool, channel: Any = None) -> None:
-        self.bar, self.channel, self.total, self.epoch = None, channel, total, epoch
-        if enabled and channel is None:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"Train Epoch {epoch}", file=sys.stderr, leave=False)
-
-    def __call__(self, steps: int, means: dict[str, float]) -> None:
-        if self.channel is not None:
-            self.channel.put_nowait({"epoch": self.epoch, "steps": steps, "total": self.total, "loss": means["loss"]})
-        if self.bar is not None:
-            self.bar.update(steps - self.bar.n)
-            self.bar.set_postfix(loss=f"{means['loss']:.4f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def epoch_summary(metrics: dict[str, Any], epochs: int) -> str:
-    """The one console line of an epoch: ``epoch 3/15: loss 0.1234, val RSUM 140.2 (best 141.0), 12.3 s``."""
-    parts = [f"loss {metrics['train_loss']:.4f}"] if "train_loss" in metrics else []
-    if "val_rsum" in metrics:
-        parts.append(f"val RSUM {metrics['val_rsum']:.1f} (best {metrics['best_val_rsum']:.1f})")
-    if "epoch_time_s" in metrics:
-        parts.append(f"{metrics['epoch_time_s']:.1f} s")
-    return f"epoch {int(metrics['epoch']) + 1}/{epochs}: " + ", ".join(parts)
-
-
-class DriverConsole:
-    """The driver's view of a distributed run: one progress bar and one summary line per epoch.
-
-    Rank 0 sends step counts and each epoch's metrics through a Ray queue (an actor with no CPU); a thread of the
-    driver draws them, while Ray's own per-worker lines stay off the console (``log_to_driver`` only with debug).
-    """
-
-    def __init__(self, epochs: int, *, bar: bool) -> None:
-        import threading
-
-        from ray.util.queue import Queue
-
-        self.queue = Queue(actor_options={"num_cpus": 0})
-        self.epochs, self.show_bar, self.bar = epochs, bar, None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._drain, name="setemb-console", daemon=True)
-        self._thread.start()
-
-    def _show(self, item: dict[str, Any]) -> None:
-        if "summary" in item:
-            if self.bar is not None:
-                self.bar.close()
-                self.bar = None
-            logger.info("%s", epoch_summary(item["summary"], self.epochs))
-            return
-        if not self.show_bar:
-            return
-        if self.bar is None or self.bar.desc != f"Train Epoch {item['epoch']}":
-            from tqdm import tqdm
-
-            if self.bar is not None:
-                self.bar.close()
-            self.bar = tqdm(total=item["total"], desc=f"Train Epoch {item['epoch']}", file=sys.stderr, leave=False)
-        self.bar.update(item["steps"] - self.bar.n)
-        self.bar.set_postfix(loss=f"{item['loss']:.4f}")
-
-    def _drain(self) -> None:
-        from ray.util.queue import Empty
-
-        while True:
-            try:
-                item = self.queue.get(timeout=0.2)
-            except Empty:
-                if self._stop.is_set():
-                    return
-                continue
-            except Exception:  # noqa: BLE001 - the queue actor went away with the cluster: nothing left to show
-                return
-            self._show(item)
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
-        if self.bar is not None:
-            self.bar.close()
-
-
 def _open_live(directory: str | None, resume: bool):
     if directory is None:
         return None
@@ -314,48 +212,6 @@ def _test_fail_at(batches, epoch: int, rank: int, run_dir: Path):
 
 
 # ------------------------------------------------------------------------------------------------ the worker loop
-def streaming_tables(
-    split: SplitFeatures, data: TrainDataParams, images_per_step: int, captions_per_image: int
-) -> tuple[StreamingTable, StreamingTable, np.ndarray | None]:
-    """Image and text tables of a split that read the store block by block (never the whole split), and the image
-    block bounds the sampler orders by (None for ``shuffle: full``, a uniform permutation read item by item).
-
-    The caches hold what one step of all ranks (``images_per_step`` = P x world size) can touch: two shuffle windows
-    plus the windows one step spans, so every block is read about once per epoch and memory is bounded by the cache.
-    """
-    if data.shuffle == "full":
-        block, cache = 1, 2 * images_per_step
-    else:
-        block = data.block_images
-        cache = data.window_blocks * (2 + math.ceil(images_per_step / (block * data.window_blocks)))
-    image = StreamingTable.from_features(split.image, block, cache)
-    text = StreamingTable.from_features(split.text, block * captions_per_image, cache + 2)
-    c2i = split.caption_to_image
-    if len(c2i) > 1 and (np.diff(c2i) < 0).any():
-        logger.warning("captions are not stored image-major: streaming reads of their blocks will repeat")
-    return image, text, None if data.shuffle == "full" else image.bounds
-
-
-def sequential_tables(split: SplitFeatures, block_items: int) -> tuple[StreamingTable, StreamingTable, np.ndarray]:
-    """Tables for one in-order pass (validation): one block in memory at a time per modality."""
-    image = StreamingTable.from_features(split.image, block_items, 2)
-    text = StreamingTable.from_features(split.text, block_items, 2)
-    return image, text, split.caption_to_image
-
-
-def epoch_batches(
-    image_table: StreamingTable,
-    text_table: StreamingTable,
-    caption_index: CaptionIndex,
-    sampler: ImageCaptionBatches,
-    steps: int,
-    prefetch_batches: int,
-):
-    """The ``(image batch, text batch, caption_to_image)`` of one epoch on one rank, read ahead in a thread."""
-    batches = (make_batch(image_table, text_table, caption_index, images) for images in islice(sampler, steps))
-    return prefetch(batches, prefetch_batches)
-
-
 def _optimization(
     model: torch.nn.Module, loss_fn: torch.nn.Module, train: TrainParams, steps_per_epoch: int, device: torch.device
 ):
@@ -477,7 +333,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         )
         if run_dir is not None:
             batches = _test_fail_at(batches, epoch, rank, run_dir)
-        progress = _Progress(steps_per_epoch, epoch, show_bar, channel)
+        progress = Progress(steps_per_epoch, epoch, show_bar, channel)
         start = time.perf_counter()
         try:
             losses = train_one_epoch(

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.checkpoints import export_model, load_model
 from pipeline.params import LossParams, ModelParams, OptimParams, Params, RayParams, TrainParams
-from pipeline.ray_train import feature_table, resolve_model_kwargs, run_training
+from pipeline.ray_train import resolve_model_kwargs, run_training
+from pipeline.train_data import feature_table
 from setemb.feature_store import FeatureStore, FeatureStoreWriter
 from setemb.training import encode_table, image_tower, text_tower, validate
 
@@ -263,14 +264,14 @@ def test_training_streams_the_store_and_never_reads_a_whole_split(tmp_path, monk
 
 
 def test_rank0_progress_goes_to_the_driver_channel_and_summaries_are_one_line():
-    from pipeline.ray_train import _Progress, epoch_summary
+    from pipeline.train_console import Progress, epoch_summary
 
     class Channel(list):
         def put_nowait(self, item):
             self.append(item)
 
     channel = Channel()
-    progress = _Progress(total=10, epoch=3, enabled=True, channel=channel)
+    progress = Progress(total=10, epoch=3, enabled=True, channel=channel)
     progress(5, {"loss": 0.5})
     progress(10, {"loss": 0.25})
     progress.close()

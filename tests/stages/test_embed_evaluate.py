@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from pipeline.checkpoints import load_model
 from pipeline.params import Params
-from pipeline.ray_train import feature_table, run_training
+from pipeline.ray_train import run_training
 from pipeline.shapes import RELATION_MARGIN, SHAPES_VERSION
+from pipeline.train_data import feature_table
 from setemb.embedding_store import EmbeddingStore, EmbeddingStoreWriter
 from setemb.feature_store import FeatureStore
 from setemb.metrics import map_at_r, r_precision, recall_at_k
