@@ -47,6 +47,7 @@ import typer
 
 from pipeline.cli import call, git_sha, set_offline_env, setup_logging
 from pipeline.params import Params, ParamsError, load_params
+from pipeline.profiles import PROFILES_DIR, SYSTEM_PROFILES, load_profile, merge_overlay, validate_merged
 from pipeline.study import (
     PAPER_ELEMENTS,
     PAPER_MAIN,
@@ -69,7 +70,6 @@ from pipeline.study import (
     verdict,
     write_record,
 )
-from stages.profile import PROFILES_DIR, SYSTEM_PROFILES, load_profile, merge_overlay, validate_merged
 
 logger = logging.getLogger("setemb.stage.study")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)

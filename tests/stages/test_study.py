@@ -25,7 +25,7 @@ from pipeline.study import (
     verdict,
 )
 from stages.study import DEFAULT, GRIDS, QUICK, StudySettings, app, build_grid, run_cell, run_study, study_base
-from tests.stages.test_profiles import tiny_dataset
+from tests.pipeline.test_profiles import tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
