@@ -19,8 +19,8 @@ Cache layout (``<cache>/<fingerprint[:16]>/``)::
 finished cell is skipped, a cell with a model only evaluates its missing variants, and an interrupted training
 resumes from its last finished epoch. Jobs run in-process (``workers=0``) or as Ray tasks with one CPU each.
 
-This module knows nothing of the grids or the stages: the function that runs one job (train -> embed -> evaluate) is injected
-(``pipeline.study_grid.run_cell``), and must be importable by Ray workers.
+This module knows nothing of the grids or the stages: the function that runs one job (train -> embed -> evaluate)
+is injected (``pipeline.study_grid.run_cell``), and must be importable by Ray workers.
 """
 
 from __future__ import annotations
