@@ -39,6 +39,7 @@ from pipeline.study import (
 )
 
 logger = logging.getLogger("setemb.stage.study")
+QUIET_LOGGERS = ("pipeline.ray_train", "setemb", "ray", "ray.train", "stages")  # WARNING and up while a cell runs
 
 GRIDS = ("main", "similarity_x_head", "k", "t", "alpha", "elements")
 EXTRA_GRIDS = ("smoke",)
@@ -229,7 +230,7 @@ def run_cell(job: CellJob, steps: StudySteps) -> dict[str, Any]:
     from pipeline.ray_train import HISTORY_FILE, run_training
 
     set_offline_env()
-    for noisy in ("pipeline.ray_train", "setemb", "ray", "ray.train", "stages"):
+    for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     directory = Path(job.directory)
     params = Params.model_validate(job.params)

@@ -4,13 +4,24 @@ model) and one real cell on the tiny extracted shapes dataset (PCME variants pat
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.params import load_params
 from pipeline.study import Cell, CellJob, execute, plan
-from pipeline.study_grid import DEFAULT, GRIDS, QUICK, StudySettings, build_grid, run_cell, study_base
+from pipeline.study_grid import (
+    DEFAULT,
+    GRIDS,
+    QUICK,
+    QUIET_LOGGERS,
+    StudySettings,
+    build_grid,
+    run_cell,
+    study_base,
+)
 from stages.study import stage_steps
 from tests.pipeline.test_profiles import tiny_dataset
 
@@ -21,6 +32,15 @@ REPO = Path(__file__).resolve().parents[2]
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """params.yaml of the tiny dataset shared with test_profiles (generated and extracted once per session)."""
     return tiny_dataset(tmp_path_factory.getbasetemp() / "tiny_study_data")
+
+
+@pytest.fixture(autouse=True)
+def _restore_quieted_loggers() -> Iterator[None]:
+    """A cell run in-process sets ``QUIET_LOGGERS`` to WARNING; undo it so later tests' caplog sees INFO records."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 # ------------------------------------------------------------------------------------------------------- grids

@@ -4,13 +4,15 @@ a cell killed between two variants evaluates only what is missing)."""
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.params import load_params
 from pipeline.study import read_record
-from pipeline.study_grid import StudySettings
+from pipeline.study_grid import QUIET_LOGGERS, StudySettings
 from pipeline.study_run import run_study
 from stages.study import stage_steps
 from tests.pipeline.test_profiles import tiny_dataset
@@ -20,6 +22,15 @@ from tests.pipeline.test_profiles import tiny_dataset
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """params.yaml of the tiny dataset shared with test_profiles (generated and extracted once per session)."""
     return tiny_dataset(tmp_path_factory.getbasetemp() / "tiny_study_data")
+
+
+@pytest.fixture(autouse=True)
+def _restore_quieted_loggers() -> Iterator[None]:
+    """A cell run in-process sets ``QUIET_LOGGERS`` to WARNING; undo it so later tests' caplog sees INFO records."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, tiny: Path) -> None:
