@@ -3,16 +3,8 @@
 ``run_training`` starts (or attaches to) Ray and runs a ``TorchTrainer`` whose workers each open the feature store
 themselves, train with DDP over gloo (CPU) or NCCL (GPU), and report once per epoch. Rank 0 validates on ``val``,
 writes the checkpoint (model, loss, optimizer, scheduler, grad scaler, epoch, best RSUM, history, resolved config),
-logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray.
-
-Checkpoint / export directory layout (``load_model`` reads either)::
-
-    model.pt        state dict of the unwrapped SetEmbeddingModel
-    loss.pt         state dict of the loss module (PCME's learnt scale / shift)
-    config.json     {"model": create_model kwargs (feature dims resolved), "loss": {"name", "kwargs"},
-                     "similarity": {"name", "kwargs"}, "train": TrainParams JSON, "seed", "captions_per_image",
-                     "epoch", "val_rsum", "features": {"image": {...}, "text": {...}}}
-    optimizer.pt, scheduler.pt, scaler.pt, state.json   (checkpoints only: what resuming needs)
+logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray (the files
+of checkpoints and exports: ``pipeline.checkpoints``).
 
 Test hook: when the environment variable ``SETEMB_TEST_FAIL_AT="epoch:step:rank"`` is set, the worker of that rank
 calls ``os._exit(1)`` just before training step ``step`` (0-based, as in the non-finite loss message) of epoch
@@ -26,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -39,11 +32,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.files import GLOVE_VECTORS, replace_dir, write_json_atomic
-from pipeline.params import Params, TrainParams
+from pipeline.checkpoints import export_model, load_checkpoint, save_checkpoint, write_json
+from pipeline.files import GLOVE_VECTORS, replace_dir
+from pipeline.params import Params, TrainDataParams, TrainParams
+from setemb.feature_store import FeatureStore, ModalityFeatures, SplitFeatures
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
-from setemb.store import FeatureStore, ModalityFeatures
+from setemb.streaming import StreamingTable, prefetch
 from setemb.training import (
     CaptionIndex,
     FeatureTable,
@@ -56,8 +51,6 @@ from setemb.training import (
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, LOSS_FILE, CONFIG_FILE = "model.pt", "loss.pt", "config.json"
-STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE = "state.json", "optimizer.pt", "scheduler.pt", "scaler.pt"
 HISTORY_FILE = "history.json"
 SCORE_METRIC = "val_rsum"
 LOG_EVERY = 20
@@ -162,93 +155,10 @@ def build_loss(train: TrainParams) -> torch.nn.Module:
     return create_loss(train.loss.name, **train.loss.kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- export / reload
-def _write_json(path: Path, value: Any) -> None:
-    write_json_atomic(path, value, indent=2, sort_keys=True, default=float)
-
-
-def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy the model of a checkpoint (``model.pt``, ``loss.pt``, ``config.json``) to a plain directory.
-
-    Returns:
-        ``out_dir``; ``load_model(out_dir)`` rebuilds the model without Ray.
-    """
-    src, out = Path(checkpoint_dir), Path(out_dir)
-    missing = [f for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE) if not (src / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{src} is not a setemb checkpoint: missing {missing}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
-        shutil.copy2(src / f, staging / f)
-    replace_dir(staging, out)
-    return out
-
-
-def _load_strict(module: torch.nn.Module, state: dict[str, Any], what: str, where: Path) -> None:
-    """``load_state_dict(strict=True)`` with missing / unexpected keys and shape mismatches spelled out."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{where} does not match the {what} rebuilt from its config.json:\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {shapes}"
-        )
-    module.load_state_dict(state, strict=True)
-
-
-def load_model(
-    model_dir: str | os.PathLike, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """Rebuild ``(model, loss_fn, config)`` from an export (or a checkpoint) directory, strictly; eval mode.
-
-    Raises:
-        FileNotFoundError: a file is missing. ValueError: the weights do not fit the config (keys listed).
-    """
-    model_dir = Path(model_dir)
-    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
-        if not (model_dir / f).is_file():
-            raise FileNotFoundError(f"no {f} in {model_dir}; train first (`dvc repro train`) or pass a model directory")
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
-    model = create_model(**config["model"])
-    loss_fn = create_loss(config["loss"]["name"], **config["loss"]["kwargs"])
-    _load_strict(model, torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True), "model", model_dir)
-    _load_strict(loss_fn, torch.load(model_dir / LOSS_FILE, map_location="cpu", weights_only=True), "loss", model_dir)
-    return model.to(device).eval(), loss_fn.to(device).eval(), config
-
-
 # ------------------------------------------------------------------------------------------------ worker helpers
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Torch RNG seed of one (epoch, rank): token drop and dropout replay exactly after a resume."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def _save_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler, config, state) -> None:
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save(loss_fn.state_dict(), directory / LOSS_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
-    torch.save(scaler.state_dict(), directory / SCALER_FILE)
-    _write_json(directory / CONFIG_FILE, config)
-    _write_json(directory / STATE_FILE, state)
-
-
-def _load_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler) -> dict[str, Any]:
-    def load(name: str) -> Any:
-        return torch.load(directory / name, map_location="cpu", weights_only=True)
-
-    _load_strict(model, load(MODEL_FILE), "model", directory)
-    _load_strict(loss_fn, load(LOSS_FILE), "loss", directory)
-    optimizer.load_state_dict(load(OPTIMIZER_FILE))
-    scheduler.load_state_dict(load(SCHEDULER_FILE))
-    scaler.load_state_dict(load(SCALER_FILE))
-    return json.loads((directory / STATE_FILE).read_text())
 
 
 def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
@@ -272,21 +182,91 @@ def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
 
 
 class _Progress:
-    """tqdm bar of one epoch on stderr (rank 0, TTY only), fed by ``train_one_epoch``'s progress callback."""
+    """One epoch's progress on rank 0, fed by ``train_one_epoch``'s progress callback: a tqdm bar on stderr (TTY only)
+    when the loop runs in the driver's process, else messages to the driver's ``DriverConsole`` queue."""
 
-    def __init__(self, total: int, epoch: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
+    def __init__(self, total: int, epoch: int, enabled: bool, channel: Any = None) -> None:
+        self.bar, self.channel, self.total, self.epoch = None, channel, total, epoch
+        if enabled and channel is None:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, desc=f"Train Epoch {epoch}", file=sys.stderr, leave=False)
 
     def __call__(self, steps: int, means: dict[str, float]) -> None:
+        if self.channel is not None:
+            self.channel.put_nowait({"epoch": self.epoch, "steps": steps, "total": self.total, "loss": means["loss"]})
         if self.bar is not None:
             self.bar.update(steps - self.bar.n)
             self.bar.set_postfix(loss=f"{means['loss']:.4f}")
 
     def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def epoch_summary(metrics: dict[str, Any], epochs: int) -> str:
+    """The one console line of an epoch: ``epoch 3/15: loss 0.1234, val RSUM 140.2 (best 141.0), 12.3 s``."""
+    parts = [f"loss {metrics['train_loss']:.4f}"] if "train_loss" in metrics else []
+    if "val_rsum" in metrics:
+        parts.append(f"val RSUM {metrics['val_rsum']:.1f} (best {metrics['best_val_rsum']:.1f})")
+    if "epoch_time_s" in metrics:
+        parts.append(f"{metrics['epoch_time_s']:.1f} s")
+    return f"epoch {int(metrics['epoch']) + 1}/{epochs}: " + ", ".join(parts)
+
+
+class DriverConsole:
+    """The driver's view of a distributed run: one progress bar and one summary line per epoch.
+
+    Rank 0 sends step counts and each epoch's metrics through a Ray queue (an actor with no CPU); a thread of the
+    driver draws them, while Ray's own per-worker lines stay off the console (``log_to_driver`` only with debug).
+    """
+
+    def __init__(self, epochs: int, *, bar: bool) -> None:
+        import threading
+
+        from ray.util.queue import Queue
+
+        self.queue = Queue(actor_options={"num_cpus": 0})
+        self.epochs, self.show_bar, self.bar = epochs, bar, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drain, name="setemb-console", daemon=True)
+        self._thread.start()
+
+    def _show(self, item: dict[str, Any]) -> None:
+        if "summary" in item:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+            logger.info("%s", epoch_summary(item["summary"], self.epochs))
+            return
+        if not self.show_bar:
+            return
+        if self.bar is None or self.bar.desc != f"Train Epoch {item['epoch']}":
+            from tqdm import tqdm
+
+            if self.bar is not None:
+                self.bar.close()
+            self.bar = tqdm(total=item["total"], desc=f"Train Epoch {item['epoch']}", file=sys.stderr, leave=False)
+        self.bar.update(item["steps"] - self.bar.n)
+        self.bar.set_postfix(loss=f"{item['loss']:.4f}")
+
+    def _drain(self) -> None:
+        from ray.util.queue import Empty
+
+        while True:
+            try:
+                item = self.queue.get(timeout=0.2)
+            except Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            except Exception:  # noqa: BLE001 - the queue actor went away with the cluster: nothing left to show
+                return
+            self._show(item)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
         if self.bar is not None:
             self.bar.close()
 
@@ -332,10 +312,46 @@ def _test_fail_at(batches, epoch: int, rank: int, run_dir: Path):
 
 
 # ------------------------------------------------------------------------------------------------ the worker loop
-def _split_tables(store: FeatureStore, split: str) -> tuple[FeatureTable, FeatureTable, np.ndarray, Any]:
-    """(image table, text table, caption_to_image, in-memory SplitFeatures) of one split, read into RAM."""
-    features = store[split].load_to_memory()
-    return feature_table(features.image), feature_table(features.text), features.caption_to_image, features
+def streaming_tables(
+    split: SplitFeatures, data: TrainDataParams, images_per_step: int, captions_per_image: int
+) -> tuple[StreamingTable, StreamingTable, np.ndarray | None]:
+    """Image and text tables of a split that read the store block by block (never the whole split), and the image
+    block bounds the sampler orders by (None for ``shuffle: full``, a uniform permutation read item by item).
+
+    The caches hold what one step of all ranks (``images_per_step`` = P x world size) can touch: two shuffle windows
+    plus the windows one step spans, so every block is read about once per epoch and memory is bounded by the cache.
+    """
+    if data.shuffle == "full":
+        block, cache = 1, 2 * images_per_step
+    else:
+        block = data.block_images
+        cache = data.window_blocks * (2 + math.ceil(images_per_step / (block * data.window_blocks)))
+    image = StreamingTable.from_features(split.image, block, cache)
+    text = StreamingTable.from_features(split.text, block * captions_per_image, cache + 2)
+    c2i = split.caption_to_image
+    if len(c2i) > 1 and (np.diff(c2i) < 0).any():
+        logger.warning("captions are not stored image-major: streaming reads of their blocks will repeat")
+    return image, text, None if data.shuffle == "full" else image.bounds
+
+
+def sequential_tables(split: SplitFeatures, block_items: int) -> tuple[StreamingTable, StreamingTable, np.ndarray]:
+    """Tables for one in-order pass (validation): one block in memory at a time per modality."""
+    image = StreamingTable.from_features(split.image, block_items, 2)
+    text = StreamingTable.from_features(split.text, block_items, 2)
+    return image, text, split.caption_to_image
+
+
+def epoch_batches(
+    image_table: StreamingTable,
+    text_table: StreamingTable,
+    caption_index: CaptionIndex,
+    sampler: ImageCaptionBatches,
+    steps: int,
+    prefetch_batches: int,
+):
+    """The ``(image batch, text batch, caption_to_image)`` of one epoch on one rank, read ahead in a thread."""
+    batches = (make_batch(image_table, text_table, caption_index, images) for images in islice(sampler, steps))
+    return prefetch(batches, prefetch_batches)
 
 
 def _optimization(
@@ -384,11 +400,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    # every worker reads the store itself: nothing big travels through the driver
+    # every worker streams the store itself: nothing big travels through the driver or sits in memory
     store = FeatureStore.open(config["features"])
-    image_table, text_table, caption_to_image, train_split = _split_tables(store, "train")
-    caption_index = CaptionIndex(caption_to_image, len(image_table))
-    val = _split_tables(store, "val")[:3] if rank == 0 and "val" in store.splits else None
+    train_split = store["train"]
+    image_table, text_table, bounds = streaming_tables(
+        train_split, train.data, train.images_per_batch * world_size, int(config["captions_per_image"])
+    )
+    caption_index = CaptionIndex(train_split.caption_to_image, len(image_table))
+    val = sequential_tables(store["val"], train.eval_block_size) if rank == 0 and "val" in store.splits else None
 
     torch.manual_seed(seed)
     image_attrs, text_attrs = train_split.image.attrs, train_split.text.attrs
@@ -420,6 +439,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank,
             world_size=world_size,
             drop_last=False,
+            bounds=bounds,
+            window_blocks=train.data.window_blocks,
         )
 
     steps_per_epoch = min(len(sampler(0)), train.limit_batches or len(sampler(0)))
@@ -430,9 +451,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # Ray's restart after a failure, or a resumed run (same name and storage)
         with checkpoint.as_directory() as d:
-            state = _load_checkpoint(Path(d), **objects)
+            state = load_checkpoint(Path(d), **objects)
     elif config.get("resume_from"):
-        state = _load_checkpoint(Path(config["resume_from"]), **objects)
+        state = load_checkpoint(Path(config["resume_from"]), **objects)
     start_epoch = int(state["epoch"]) + 1
     if rank == 0 and start_epoch > 0:
         logger.info("resuming at epoch %d (best val RSUM so far %s)", start_epoch, state["best_rsum"])
@@ -441,6 +462,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     after_backward = _loss_grad_sync(loss_params, world_size)
     stop = optim.epochs if config.get("stop_after_epochs") is None else min(optim.epochs, config["stop_after_epochs"])
     live = _open_live(config.get("dvclive_dir"), resume=start_epoch > 0) if rank == 0 else None
+    channel = config.get("console") if rank == 0 else None
     show_bar = rank == 0 and not config.get("quiet") and sys.stderr.isatty()
     run_dir = Path(config["run_dir"])
 
@@ -448,12 +470,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if optim.no_mining_epochs > 0:
             loss_fn.set_hardest_negatives(epoch >= optim.no_mining_epochs)
         torch.manual_seed(_epoch_seed(seed, epoch, rank))  # token drop / dropout replay exactly after a resume
-        batches = (
-            make_batch(image_table, text_table, caption_index, images)
-            for images in islice(sampler(epoch), steps_per_epoch)
+        batches = epoch_batches(
+            image_table, text_table, caption_index, sampler(epoch), steps_per_epoch, train.data.prefetch_batches
         )
         batches = _test_fail_at(batches, epoch, rank, run_dir)
-        progress = _Progress(steps_per_epoch, epoch, show_bar)
+        progress = _Progress(steps_per_epoch, epoch, show_bar, channel)
         start = time.perf_counter()
         try:
             losses = train_one_epoch(
@@ -500,11 +521,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = {**state, "epoch": epoch, "history": [*state["history"], metrics]}
         similarity = {"name": loss_fn.similarity_name, "kwargs": loss_fn.similarity_kwargs()}
         ckpt_config = {**saved_config, "similarity": similarity, "epoch": epoch, "val_rsum": metrics.get("val_rsum")}
-        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        if channel is not None:
+            channel.put_nowait({"summary": metrics})
+        else:  # in the driver's process (local mode): the summary line is ours to write
+            logger.info("%s", epoch_summary(metrics, optim.epochs))
         _log_live(live, epoch, metrics)
-        _write_json(run_dir / HISTORY_FILE, state["history"])
+        write_json(run_dir / HISTORY_FILE, state["history"])
         with tempfile.TemporaryDirectory(prefix="setemb-ckpt-") as tmp:
-            _save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
+            save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
             if improved:
                 export_model(tmp, config["best_model_dir"])
             if config.get("local_state_dir"):  # local mode: Ray keeps no checkpoint, keep our own for resuming
@@ -517,8 +541,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def _init_ray(address: str | None, quiet: bool) -> bool:
-    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; True when this call started it."""
+def _init_ray(address: str | None, verbose: bool) -> bool:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; True when this call started it.
+
+    Worker logs reach the driver only when ``verbose`` (``--debug``): Ray Train writes several lines per worker per
+    epoch ("Reporting training result ..."); the console shows ``DriverConsole``'s bar and summaries instead.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -526,7 +554,7 @@ def _init_ray(address: str | None, quiet: bool) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=not quiet, logging_level=logging.ERROR)
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.ERROR)
         return False
     # The dashboard (loopback only) hosts the state API that Ray Train's controller polls; without it the
     # driver log fills with "Failed to query Ray Train Controller actor state" (PLATFORM §5).
@@ -534,7 +562,7 @@ def _init_ray(address: str | None, quiet: bool) -> bool:
         num_cpus=os.cpu_count(),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        log_to_driver=not quiet,
+        log_to_driver=verbose,
         logging_level=logging.ERROR,
     )
     return True
@@ -549,6 +577,7 @@ def run_training(
     resume: bool = False,
     address: str | None = None,
     quiet: bool = False,
+    verbose: bool = False,
     model_dir: str | os.PathLike | None = None,
     dvclive_dir: str | os.PathLike | None = None,
     stop_after_epochs: int | None = None,
@@ -563,7 +592,8 @@ def run_training(
             (Ray would otherwise silently resume it).
         resume: continue from the run's latest checkpoint (Ray's snapshot; in local mode our own copy).
         address: Ray cluster to attach to (else ``train.ray.address``, ``RAY_ADDRESS``, or a new local Ray).
-        quiet: no worker logs on the driver and no progress bar.
+        quiet: no progress bar and no per-epoch summary lines.
+        verbose: Ray's worker logs on the driver's console too (``--debug``).
         model_dir: where the best model is exported (default ``<storage_path>/<run_name>/model``).
         dvclive_dir: dvclive directory for per-epoch metrics (None: no dvclive).
         stop_after_epochs: stop this run after that many epochs (the schedule still spans ``optim.epochs``); a
@@ -624,13 +654,19 @@ def run_training(
         checkpoint_config=checkpoints,
         failure_config=FailureConfig(max_failures=train.ray.max_failures),
     )
-    started = False if local_mode else _init_ray(address or train.ray.address, quiet)
+    started = False if local_mode else _init_ray(address or train.ray.address, verbose)
+    console = None
     try:
+        if not local_mode and not quiet:
+            console = DriverConsole(train.optim.epochs, bar=sys.stderr.isatty())
+            config["console"] = console.queue
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config
         )
         result = trainer.fit()
     finally:
+        if console is not None:
+            console.close()
         if started:
             import ray
 

@@ -5,9 +5,6 @@ Every grid starts from params.yaml with the study settings applied (``study_base
 ``epochs``, test-split embedding without attention maps); ``build_grid`` turns it into validated ``Cell``s of
 ``pipeline.study``, whose engine plans, caches and runs them. ``run_cell`` is the runner the engine calls for one
 job (train -> embed -> evaluate every missing variant), in-process or in a Ray task.
-
-Embedding, evaluation, extraction and dataset generation are stage functions (``stages/embed.py`` and friends);
-pipeline never imports stages, so ``stages/study.py`` passes them in as ``StudySteps``.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,27 +73,6 @@ QUICK = StudySettings(
     alpha_values=(1.0, 16.0, 64.0),
     pairs=tuple(PAPER_SIMILARITY_X_HEAD),  # the six cells the paper reports
 )
-
-
-@dataclass(frozen=True)
-class StudySteps:
-    """The stage functions a study calls, passed in by ``stages/study.py`` (pipeline never imports stages).
-
-    Module-level functions, so a Ray task that runs ``run_cell`` imports them by name.
-
-    Attributes:
-        prepare: ``(params, shapes_dir)``: generate the shapes dataset.
-        extract: ``(extract_params, features, *, dataset_json, image_root, precomp_root)``: the feature store.
-        embed: ``(params, *, features, model, out, quiet)``: an embedding store.
-        evaluate: ``(params, *, embeddings, model, relevance, metrics, plots) -> metrics dict``.
-        features_fingerprint: ``(features) -> str``: the feature store's content digest.
-    """
-
-    prepare: Callable[..., Any]
-    extract: Callable[..., Any]
-    embed: Callable[..., Any]
-    evaluate: Callable[..., dict[str, Any]]
-    features_fingerprint: Callable[[Path], str]
 
 
 # --------------------------------------------------------------------------------------------------------- grids
@@ -187,7 +162,7 @@ def build_grid(
 # ---------------------------------------------------------------------------------------------------- one cell
 def _patched_model(model_dir: Path, out: Path, overrides: dict[str, Any]) -> Path:
     """A copy of the exported model whose ``config.json["model"]`` has ``overrides`` merged in (same weights)."""
-    from pipeline.ray_train import CONFIG_FILE
+    from pipeline.checkpoints import CONFIG_FILE
 
     if out.exists():
         shutil.rmtree(out)
@@ -205,8 +180,8 @@ def distinct_score_fraction(embeddings: Path, info: dict[str, Any], rows: int = 
     About 1 for a working scorer; near 0 when the scores saturate (e.g. a match probability that underflows to 0
     for far-apart samples), which the recall tie rule would report as perfect retrieval.
     """
+    from setemb.embedding_store import EmbeddingStore
     from setemb.similarity import score
-    from setemb.store import EmbeddingStore
 
     store, split = EmbeddingStore.open(embeddings), info["split"]
 
@@ -219,14 +194,15 @@ def distinct_score_fraction(embeddings: Path, info: dict[str, Any], rows: int = 
     return scores.unique().numel() / max(scores.numel(), 1)
 
 
-def run_cell(job: CellJob, steps: StudySteps) -> dict[str, Any]:
+def run_cell(job: CellJob) -> dict[str, Any]:
     """Train the job's model unless cached, then embed and evaluate every missing variant; returns metrics.json.
 
-    Runs in a Ray task or in-process (``functools.partial(run_cell, steps=steps)`` is the engine's runner).
-    Training resumes from its last finished epoch after a kill.
+    Runs in a Ray task or in-process. Training resumes from its last finished epoch after a kill.
     """
     import ray.train  # noqa: F401 - configures Ray's loggers on import: quieten them after that
 
+    from pipeline.embedding import run_embed
+    from pipeline.evaluation import run_evaluate
     from pipeline.ray_train import HISTORY_FILE, run_training
 
     set_offline_env()
@@ -268,9 +244,9 @@ def run_cell(job: CellJob, steps: StudySteps) -> dict[str, Any]:
             else _patched_model(model_dir, directory / f"model-{variant.key}", variant.model)
         )
         embeddings = directory / (f"embeddings-{variant.key}.zarr" if variant.model else "embeddings.zarr")
-        steps.embed(params, features=job.features, model=model, out=embeddings, quiet=True)
+        run_embed(params, features=job.features, model=model, out=embeddings, quiet=True)
         evaluate = merge_overlay(job.params, {"evaluate": variant.evaluate})
-        results = steps.evaluate(
+        results = run_evaluate(
             validate_merged(evaluate, f"variant {variant.name}"),
             embeddings=embeddings,
             model=model,
@@ -288,12 +264,15 @@ def run_cell(job: CellJob, steps: StudySteps) -> dict[str, Any]:
     return record
 
 
-def ensure_features(params: Params, features: Path, steps: StudySteps) -> Path:
+def ensure_features(params: Params, features: Path) -> Path:
     """The feature store, extracted first (and the shapes dataset generated) when absent or incomplete.
 
     An existing complete store is reused as is, whatever params made it (the study never re-extracts).
     """
-    from setemb.store import FeatureStore, IncompleteStoreError
+    from pipeline.feature_cache import run_extract
+    from pipeline.shapes import run_prepare
+    from setemb.feature_store import FeatureStore
+    from setemb.store import IncompleteStoreError
 
     try:
         FeatureStore.open(features)
@@ -304,9 +283,9 @@ def ensure_features(params: Params, features: Path, steps: StudySteps) -> Path:
     dataset_json = Path(paths.dataset_json)
     if params.extract.source == "karpathy" and not dataset_json.is_file() and dataset_json.parent == Path(paths.shapes):
         logger.info("no dataset at %s: generating the shapes dataset", dataset_json)
-        steps.prepare(params, Path(paths.shapes))
+        run_prepare(params, Path(paths.shapes))
     logger.info("no complete feature store at %s: extracting it once for the whole study", features)
-    steps.extract(
+    run_extract(
         params.extract,
         features,
         dataset_json=dataset_json,
@@ -339,7 +318,7 @@ def estimate_default_study(
     """
     import statistics
 
-    from setemb.store import FeatureStore
+    from setemb.feature_store import FeatureStore
 
     measured: dict[tuple, list[float]] = {}
     overheads = []

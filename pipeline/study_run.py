@@ -6,7 +6,6 @@ engine (plan, cache, execution on Ray tasks) ``pipeline.study`` and the report `
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import time
@@ -18,7 +17,6 @@ from pipeline.profiles import PROFILES_DIR
 from pipeline.study import JobOutcome, execute, plan
 from pipeline.study_grid import (
     StudySettings,
-    StudySteps,
     build_grid,
     ensure_features,
     estimate_default_study,
@@ -33,7 +31,6 @@ logger = logging.getLogger("setemb.stage.study")
 def run_study(
     params: Params,
     *,
-    steps: StudySteps,
     grids: list[str],
     settings: StudySettings,
     quick: bool = False,
@@ -47,19 +44,19 @@ def run_study(
 ) -> dict[str, Any]:
     """Build the grids, run the missing cells, write the report ``out`` (with its plots beside it).
 
-    ``steps`` are the stage functions the cells call (``StudySteps``).
-
     Returns:
         ``{"cells": distinct cells, "ran": run now, "cached": read from the cache, "failed": [labels], "out": out}``.
 
     Raises:
         ParamsError: unknown grid or an invalid cell.
     """
+    from pipeline.training import features_fingerprint
+
     start, load = time.perf_counter(), os.getloadavg()[0]
     base = study_base(params, settings)
     cells = [c for g in grids for c in build_grid(g, base, settings, profiles_dir)]  # validate before any work
-    features = ensure_features(params, Path(features or params.paths.features), steps)
-    digest = steps.features_fingerprint(features)
+    features = ensure_features(params, Path(features or params.paths.features))
+    digest = features_fingerprint(features)
     relevance = params.paths.relevance or None
     cells, jobs = plan(cells, cache, features=features, features_digest=digest, relevance=relevance)
 
@@ -67,7 +64,7 @@ def run_study(
         state = "FAILED " + outcome.error if outcome.error else f"{outcome.seconds:.0f} s"
         logger.warning("[%d/%d] %s: %s", finished, total, ", ".join(outcome.job.labels), state)
 
-    outcomes = execute(jobs, functools.partial(run_cell, steps=steps), workers=workers, quiet=quiet, on_done=progress)
+    outcomes = execute(jobs, run_cell, workers=workers, quiet=quiet, on_done=progress)
     estimate = estimate_default_study(outcomes, params, features, digest, max(workers, 1), profiles_dir)
     text = render_report(
         cells,

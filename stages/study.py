@@ -41,27 +41,10 @@ import typer
 from pipeline.cli import call, set_offline_env, setup_logging
 from pipeline.params import load_params
 from pipeline.profiles import PROFILES_DIR
-from pipeline.study_grid import DEFAULT, GRIDS, QUICK, StudySteps
+from pipeline.study_grid import DEFAULT, GRIDS, QUICK
 from pipeline.study_run import run_study
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def stage_steps() -> StudySteps:
-    """The stage functions the study's cells call (imported here: pipeline never imports stages)."""
-    from stages.embed import run_embed
-    from stages.evaluate import run_evaluate
-    from stages.extract import run_extract
-    from stages.prepare import run_prepare
-    from stages.train import features_fingerprint
-
-    return StudySteps(
-        prepare=run_prepare,
-        extract=run_extract,
-        embed=run_embed,
-        evaluate=run_evaluate,
-        features_fingerprint=features_fingerprint,
-    )
 
 
 @app.command()
@@ -95,7 +78,6 @@ def main(
     summary = call(
         run_study,
         params,
-        steps=stage_steps(),
         grids=grids,
         settings=settings,
         quick=quick,

@@ -78,8 +78,8 @@ def tiny_params_dict(root: Path) -> dict:
 def tiny_dataset(root: Path) -> Path:
     """Generate the tiny shapes dataset and extract its features with the real small backbones, once per session
     (both steps are no-ops when ``root`` already holds them); returns the params.yaml written there."""
+    from pipeline.feature_cache import run_extract
     from pipeline.shapes import generate_shapes
-    from stages.extract import run_extract
 
     data = tiny_params_dict(root)
     generate_shapes(root / "shapes", seed=0, **TINY_SIZES)
@@ -234,10 +234,11 @@ def test_apply_keeps_comments_and_other_keys(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------- end-to-end systems
 @pytest.mark.parametrize("name", SYSTEM_PROFILES)
 def test_system_trains_and_evaluates_end_to_end(tmp_path: Path, tiny: Path, name: str) -> None:
-    from pipeline.ray_train import load_model, run_training
-    from setemb.store import EmbeddingStore
-    from stages.embed import run_embed
-    from stages.evaluate import run_evaluate
+    from pipeline.checkpoints import load_model
+    from pipeline.embedding import run_embed
+    from pipeline.evaluation import run_evaluate
+    from pipeline.ray_train import run_training
+    from setemb.embedding_store import EmbeddingStore
 
     params = profile_params(name, tiny)
     paths = params.paths

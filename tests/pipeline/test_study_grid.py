@@ -3,7 +3,6 @@ model) and one real cell on the tiny extracted shapes dataset (PCME variants pat
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from pipeline.study_grid import (
     run_cell,
     study_base,
 )
-from stages.study import stage_steps
 from tests.pipeline.test_profiles import tiny_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -119,13 +117,13 @@ def test_pcme_variants_patch_the_model_not_the_weights(tmp_path: Path, tiny: Pat
     _, jobs = plan(
         [pcme], tmp_path, features=base["paths"]["features"], features_digest="d", relevance=base["paths"]["relevance"]
     )
-    (outcome,) = execute(jobs, functools.partial(run_cell, steps=stage_steps()), workers=0)
+    (outcome,) = execute(jobs, run_cell, workers=0)
     assert outcome.error is None and not outcome.cached
     variants = {v["name"]: v for v in outcome.record["variants"].values()}
     assert set(variants) == {"default", "mean_samples", "mu_only"}
     assert variants["default"]["metrics"]["info"]["similarity"] == "match_probability"
     assert variants["mean_samples"]["metrics"]["info"]["similarity"] == "mean_similarity"
-    from setemb.store import EmbeddingStore
+    from setemb.embedding_store import EmbeddingStore
 
     job: CellJob = jobs[0]
     sampled = EmbeddingStore.open(Path(job.directory) / "embeddings.zarr")["test/image"].embeddings

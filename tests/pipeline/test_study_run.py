@@ -14,7 +14,6 @@ from pipeline.params import load_params
 from pipeline.study import read_record
 from pipeline.study_grid import QUIET_LOGGERS, StudySettings
 from pipeline.study_run import run_study
-from stages.study import stage_steps
 from tests.pipeline.test_profiles import tiny_dataset
 
 
@@ -36,14 +35,14 @@ def _restore_quieted_loggers() -> Iterator[None]:
 def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, tiny: Path) -> None:
     params = load_params(tiny)
     settings = StudySettings(epochs=1, limit_batches=2, seeds=1)
-    out, cache, steps = tmp_path / "results.md", tmp_path / "cache", stage_steps()
-    summary = run_study(params, steps=steps, grids=["smoke"], settings=settings, cache=cache, out=out, workers=0)
+    out, cache = tmp_path / "results.md", tmp_path / "cache"
+    summary = run_study(params, grids=["smoke"], settings=settings, cache=cache, out=out, workers=0)
     assert summary["ran"] == 2
     dive_dir = next(d for d in cache.iterdir() if "smoke:dive:seed0" in read_record(d)["labels"])
     model_stamp = (dive_dir / "model" / "model.pt").stat().st_mtime_ns
     train = read_record(dive_dir)["train"]
     # the element ablation is the same model with 8 more evaluations: no retraining
-    summary = run_study(params, steps=steps, grids=["elements"], settings=settings, cache=cache, out=out, workers=0)
+    summary = run_study(params, grids=["elements"], settings=settings, cache=cache, out=out, workers=0)
     record = read_record(dive_dir)
     assert summary == {**summary, "cells": 1, "ran": 1, "cached": 0}
     assert record["train"] == train and (dive_dir / "model" / "model.pt").stat().st_mtime_ns == model_stamp
@@ -59,7 +58,7 @@ def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, 
     lost = next(k for k, v in record["variants"].items() if v["name"] == "text_only_1")
     del record["variants"][lost]
     (dive_dir / "metrics.json").write_text(json.dumps(record))
-    summary = run_study(params, steps=steps, grids=["elements"], settings=settings, cache=cache, out=out, workers=0)
+    summary = run_study(params, grids=["elements"], settings=settings, cache=cache, out=out, workers=0)
     again = read_record(dive_dir)
     assert summary["ran"] == 1 and lost in again["variants"] and again["train"] == train
     assert again["variants"][lost]["metrics"] == json.loads((dive_dir / "eval" / f"{lost}.json").read_text())
