@@ -14,8 +14,10 @@ image, 8-20 tokens), about 17 GB on disk at ``--scale 1`` — then runs a Ray Tr
   path at all).
 
 Prints per worker: peak RSS above the idle worker while streaming, batches/s of both paths and their ratio
-(stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read. The store is reused by
-later runs with the same ``--scale`` and ``--seed``.
+(stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read. With ``--ray-data N``
+it also reads N images without a model, once through ``epoch_batches`` and once through Ray Data (``map_batches``
+over the same blocks + ``iter_torch_batches`` with a one-window shuffle buffer), and prints both rates. The store is
+reused by later runs with the same ``--scale`` and ``--seed``.
 
 Usage: ``python benchmarks/bench_train_data.py --scale 0.1 [--dir /tmp/bench_train_data] [--steps 20]``
 """
@@ -176,6 +178,62 @@ def worker_loop(config: dict) -> None:
     ray.train.report({"rank": rank})
 
 
+def compare_ray_data(store_path: Path, train, n_images: int) -> dict[str, float]:
+    """Reading only (no model), images/s: ``epoch_batches`` over the store vs Ray Data over the same blocks
+    (``map_batches`` reading each block's regions, global features and padded caption tokens, then
+    ``iter_torch_batches`` of P images with a shuffle buffer of one window)."""
+    import ray
+
+    from pipeline.train_data import epoch_batches, streaming_tables
+    from setemb.feature_store import FeatureStore
+    from setemb.training import CaptionIndex, ImageCaptionBatches
+
+    split = FeatureStore.open(store_path)["train"]
+    P = train.images_per_batch
+    image, text, bounds = streaming_tables(split, train.data, P, CPI)
+    sampler = ImageCaptionBatches(
+        len(image), P, seed=0, epoch=0, drop_last=True, bounds=bounds, window_blocks=train.data.window_blocks
+    )
+    steps = n_images // P
+    start = time.perf_counter()
+    for _ in epoch_batches(image, text, CaptionIndex(split.caption_to_image, len(image)), sampler, steps, 2):
+        pass
+    ours = steps * P / (time.perf_counter() - start)
+
+    block = train.data.block_images
+    path = str(store_path)
+
+    def read_blocks(batch: dict) -> dict:
+        from setemb.feature_store import FeatureStore as Store
+
+        sp = Store.open(path)["train"]
+        out: dict[str, list] = {"regions": [], "global": [], "tokens": [], "mask": []}
+        for lo in batch["id"]:
+            items = np.arange(lo * block, min((lo + 1) * block, len(sp.image)))
+            local, glob, _ = sp.image.batch(items)
+            captions = (items[:, None] * CPI + np.arange(CPI)).ravel()
+            tokens, _, mask = sp.text.batch(captions)
+            tokens = np.pad(tokens.numpy(), ((0, 0), (0, 20 - tokens.shape[1]))).reshape(len(items), CPI, 20)
+            mask = np.pad(mask.numpy(), ((0, 0), (0, 20 - mask.shape[1]))).reshape(len(items), CPI, 20)
+            out["regions"].extend(local.numpy().astype(np.float16))
+            out["global"].extend(glob.numpy().astype(np.float16))
+            out["tokens"].extend(tokens)
+            out["mask"].extend(mask)
+        return {k: np.stack(v) for k, v in out.items()}
+
+    n_blocks = math.ceil(n_images / block)
+    dataset = ray.data.range(n_blocks).random_shuffle(seed=0).map_batches(read_blocks, batch_size=1)
+    start, seen = time.perf_counter(), 0
+    for batch in dataset.iter_torch_batches(
+        batch_size=P, local_shuffle_buffer_size=block * train.data.window_blocks, local_shuffle_seed=0
+    ):
+        seen += len(batch["regions"])
+        if seen >= steps * P:
+            break
+    ray_data = seen / (time.perf_counter() - start)
+    return {"stream_images_per_s": ours, "ray_data_images_per_s": ray_data}
+
+
 def _random_like(t, gen):
     import torch
 
@@ -196,6 +254,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--use-gpu", action="store_true")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--ray-data", type=int, default=0, metavar="N", help="also compare reading N images (no model) with Ray Data"
+    )
     args = parser.parse_args(argv)
 
     import logging
@@ -231,6 +292,7 @@ def main(argv: list[str] | None = None) -> None:
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu),
             run_config=RunConfig(name="bench", storage_path=str(results / "ray")),
         ).fit()
+        reading = compare_ray_data(store, train, args.ray_data) if args.ray_data else None
     finally:
         ray.shutdown()
     rows = [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
@@ -248,6 +310,12 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['rank']:>4}  {r['idle_rss_gb']:>11.2f}  {r['stream_peak_above_idle_gb']:>25.2f}  "
             f"{r['stream_batches_per_s']:>14.3f}  {r['bare_batches_per_s']:>12.3f}  "
             f"{r['stream_batches_per_s'] / r['bare_batches_per_s']:>11.2f}  {r['image_blocks_read']:>11}"
+        )
+    if reading is not None:
+        print(
+            f"reading only, {args.ray_data} images in one process: epoch_batches "
+            f"{reading['stream_images_per_s']:.0f} img/s, Ray Data {reading['ray_data_images_per_s']:.0f} img/s "
+            f"(ratio {reading['stream_images_per_s'] / reading['ray_data_images_per_s']:.2f})"
         )
 
 
