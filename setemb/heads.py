@@ -480,7 +480,11 @@ class ProbabilisticHead(nn.Module):
         output: ``"samples"`` (PCME: embeddings are J samples μ + σ ⊙ ε, not re-normalised) or ``"mean_std"``
             (PCME++: embeddings ``[B, 2, D]`` = (μ, σ), in training and evaluation, what ``csd_similarity`` reads).
         sigma_input: ``"backbone"`` (default) or ``"shared"`` (the collapsing ablation, see above).
-        sigma_bias_init: initial bias of ``fc₂`` (0: σ ≈ exp(fc(x)) at the start).
+        sigma_bias_init: initial bias of ``fc₂``; None (default) = ``−½ log(2D)``, so the initial sampling noise
+            ``‖σ(ε − ε')‖ ≈ σ√(2D) ≈ 1`` is on the scale of the distances between unit-norm means. With 0 (σ ≈ 1) every
+            sample distance starts near √(2D) (≈ 23 at D = 256), far beyond PCME's b/a ≈ 1, so every pair's match
+            probability is ≈ 0: the loss then only pulls positives together and shrinks σ — the same direction for
+            every item — for as long as σ takes to shrink, and μ collapses (issue #10, docs/DESIGN.md).
         eval_seed: seeds the evaluation samples when no ``generator`` is passed: in eval mode every item of this
             head gets the same J noise vectors ε_j ~ N(0, I) drawn from ``torch.Generator().manual_seed(eval_seed)``
             (common random numbers), so PCME's metrics are reproducible and do not depend on batch size or order.
@@ -501,7 +505,7 @@ class ProbabilisticHead(nn.Module):
         sample_in_eval: bool = True,
         output: Literal["samples", "mean_std"] = "samples",
         sigma_input: Literal["backbone", "shared"] = "backbone",
-        sigma_bias_init: float = 0.0,
+        sigma_bias_init: float | None = None,
         eval_seed: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -526,6 +530,8 @@ class ProbabilisticHead(nn.Module):
         self.sigma_local = nn.Linear(self.backbone_dim, embed_dim, **dd)  # fc_σ
         # fc₂: of the mean-pooled backbone features, or ("shared") of the encoder's global feature g
         self.sigma_global = nn.Linear(embed_dim if sigma_input == "shared" else self.backbone_dim, embed_dim, **dd)
+        if sigma_bias_init is None:
+            sigma_bias_init = -0.5 * math.log(2 * embed_dim)
         nn.init.constant_(self.sigma_global.bias, sigma_bias_init)
 
     def log_sigma(self, local: Tensor, global_: Tensor, mask: Tensor | None, backbone: Tensor | None) -> Tensor:
