@@ -109,7 +109,7 @@ class ModelParams(_Strict):
 class LossParams(_Strict):
     """Keyword arguments of ``setemb.losses.create_loss`` (``name`` picks the loss)."""
 
-    name: Literal["triplet", "pcme"] = "triplet"
+    name: Literal["triplet", "pcme", "pcmepp"] = "triplet"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -27,7 +27,7 @@ from pipeline.params import Params, ParamsError, format_validation_error, load_p
 
 PROFILES_DIR = Path(__file__).resolve().parents[1] / "profiles"
 REPLACE_KEY = "_replace"
-SYSTEM_PROFILES = ("dive", "pvse", "pcme", "maxmatch", "vsepp")
+SYSTEM_PROFILES = ("dive", "pvse", "pcme", "maxmatch", "vsepp", "pcmepp")
 # YAML 1.1 (PyYAML, which load_params uses) reads 1e-5 as a string; only 1.0e-5 is a float.
 _EXPONENT_STRING = re.compile(r"^[-+]?(\d+|\d*\.\d+|\d+\.\d*)[eE][-+]?\d+$")
 _BARE_STRING = re.compile(r"^[A-Za-z_/][A-Za-z0-9_./-]*$")

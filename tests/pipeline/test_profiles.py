@@ -249,6 +249,7 @@ def test_system_trains_and_evaluates_end_to_end(tmp_path: Path, tiny: Path, name
     run_embed(params, features=paths.features, model=result.best_model, out=tmp_path / "emb.zarr", quiet=True)
     K = 1 if name in ("pcme", "vsepp") else params.train.model.num_embeddings
     J = params.train.model.head_kwargs.get("num_samples", K)  # PCME's set is its J samples
+    J = 2 if name == "pcmepp" else J  # PCME++ stores (mu, sigma)
     assert EmbeddingStore.open(tmp_path / "emb.zarr")["test/image"].embeddings.shape == (4, J, 16)
     out = {"metrics": tmp_path / "m.json", "plots": tmp_path / "plots"}
     metrics = run_evaluate(
@@ -256,7 +257,7 @@ def test_system_trains_and_evaluates_end_to_end(tmp_path: Path, tiny: Path, name
     )
     assert 0.0 <= metrics["full"]["rsum"] <= 600.0 and metrics["full"]["t2i_r5"] == 100.0  # 4 images: all in top 5
     assert set(metrics["precision"]) >= {"t2i_r_precision", "t2i_map_at_r"}
-    expected = {"pcme": "match_probability", "maxmatch": "pair_assignment", "pvse": "max_similarity"}
+    expected = {"pcme": "match_probability", "maxmatch": "pair_assignment", "pvse": "max_similarity", "pcmepp": "csd"}
     assert metrics["info"]["similarity"] == expected.get(name, params.train.loss.kwargs.get("similarity"))
     if name == "pcme":  # evaluated with the learnt scale / shift of the loss, not the neutral defaults
         assert json.loads(metrics["info"]["similarity_kwargs"]) == loss_fn.similarity_kwargs()

@@ -50,7 +50,7 @@ def _all_cells(settings) -> list[Cell]:
 def test_default_grids_hold_the_paper_cells_and_share_the_dive_model(tmp_path: Path) -> None:
     cells = _all_cells(DEFAULT)
     count = {g: sum(c.grid == g for c in cells) for g in GRIDS}
-    assert count == {"main": 5 * DEFAULT.seeds, "similarity_x_head": 12, "k": 6, "t": 6, "alpha": 7, "elements": 1}
+    assert count == {"main": 6 * DEFAULT.seeds, "similarity_x_head": 12, "k": 6, "t": 6, "alpha": 7, "elements": 1}
     for cell in cells:  # study settings applied everywhere
         assert (
             cell.params["train"]["ray"]["num_workers"] == 0
@@ -73,7 +73,7 @@ def test_default_grids_hold_the_paper_cells_and_share_the_dive_model(tmp_path: P
         }
     }
     assert len(dive) == 1
-    assert len(jobs) == 10 + 11 + 5 + 5 + 6
+    assert len(jobs) == 12 + 11 + 5 + 5 + 6
     shared = next(j for j in jobs if j.fingerprint in dive)
     assert [v.name for v in shared.variants][:2] == ["default", "image_only_0"] and len(shared.variants) == 17
     assert len({j.directory for j in jobs}) == len(jobs)
@@ -104,7 +104,7 @@ def test_quick_grids_are_smaller() -> None:
     cells = _all_cells(QUICK)
     assert all(c.params["train"]["limit_batches"] == QUICK.limit_batches for c in cells)
     _, jobs = plan(cells, "/tmp/unused", features="/tmp/f.zarr", features_digest="d", relevance=None)
-    assert len(jobs) == 10 + 5 + 2 + 1 + 2
+    assert len(jobs) == 12 + 5 + 2 + 1 + 2  # main: 6 systems (PCME++ included) x 2 seeds
     with pytest.raises(ValueError, match="unknown grid"):
         build_grid("nope", study_base(load_params(REPO / "params.yaml"), QUICK), QUICK)
 
