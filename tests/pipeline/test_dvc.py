@@ -15,7 +15,11 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC_YAML["stages"]
 # Modules whose params reads count for a stage, beyond stages/<name>.py itself.
-EXTRA_MODULES = {"train": ["pipeline/ray_train.py"], "extract": ["pipeline/extraction.py"]}
+EXTRA_MODULES = {
+    "train": ["pipeline/ray_train.py"],
+    "extract": ["pipeline/extraction.py"],
+    "evaluate": ["pipeline/benchmarks.py", "pipeline/coco_ids.py"],
+}
 
 
 def _interpolate(text: str) -> str:
