@@ -258,7 +258,7 @@ def plausible_match_sets(
         ``(i2t, t2i)``: image id -> plausible caption ids, caption id -> plausible image ids (sorted lists; queries
         whose set is empty are left out, as the package's files do).
     """
-    c = codes.astype(np.int32)  # [M, 90]
+    c = codes.astype(np.float32)  # [M, 90]; 0/1 products summed over 90 bits are exact in float32 (BLAS matmul)
     hamming = c @ (1 - c).T + (1 - c) @ c.T  # [M, M] count of differing bits
     match = hamming <= zeta  # [M, M]
     if omit_original:
