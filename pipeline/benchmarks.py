@@ -171,7 +171,9 @@ def compute_benchmarks(
         need = _needed_lengths([gts[direction] for _, gts, _ in plan], ks, [by_r for *_, by_r in plan])
         missing = [q for q in need if q not in rows]
         if missing:
-            raise CocoIdError(f"{len(missing)} {direction} benchmark queries are not in the split (first: {missing[0]})")
+            raise CocoIdError(
+                f"{len(missing)} {direction} benchmark queries are not in the split (first: {missing[0]})"
+            )
         lists[direction] = ranked_lists(topk, rows, gallery, need, block)
         logger.info("%s: %d ranked lists, longest %d", direction, len(need), max(need.values()))
     results: dict[str, dict[str, float]] = {}

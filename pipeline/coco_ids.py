@@ -184,9 +184,7 @@ def split_coco_ids(
     from setemb.data import read_karpathy, read_precomp
 
     if not captions_json:
-        raise CocoIdError(
-            "COCO benchmarks need the COCO captions file captions_val2014.json: set paths.coco_captions"
-        )
+        raise CocoIdError("COCO benchmarks need the COCO captions file captions_val2014.json: set paths.coco_captions")
     if source == "precomp" and precomp_root and Path(precomp_root).is_dir():
         index = read_precomp(precomp_root, split, captions_per_image)[0]
         where = f"{precomp_root}/{index.name}_caps.txt"

@@ -217,9 +217,17 @@ def test_setemb_precision_metrics_agree_with_the_package(planted_case: dict) -> 
         gt = gts.eccv_gts[d]
         queries = sorted(gt)
         if d == "i2t":
-            q, g, g_rows = codes(c["image_digits"][[image_rows[x] for x in queries]]), codes(c["text_digits"]), caption_rows
+            q, g, g_rows = (
+                codes(c["image_digits"][[image_rows[x] for x in queries]]),
+                codes(c["text_digits"]),
+                caption_rows,
+            )
         else:
-            q, g, g_rows = codes(c["text_digits"][[caption_rows[x] for x in queries]]), codes(c["image_digits"]), image_rows
+            q, g, g_rows = (
+                codes(c["text_digits"][[caption_rows[x] for x in queries]]),
+                codes(c["image_digits"]),
+                image_rows,
+            )
         # ECCV i2t lists 2 positive captions that are not among the 25,000 (467259, 144675): they count in R but
         # can never be retrieved. Here they are extra gallery columns scoring -1, below every planted score (>= 0).
         absent = sorted({y for x in queries for y in gt[x] if y not in g_rows})
@@ -231,7 +239,9 @@ def test_setemb_precision_metrics_agree_with_the_package(planted_case: dict) -> 
         for r, x in enumerate(queries):
             relevance[r, [g_rows[y] for y in gt[x]]] = True
         assert map_at_r(sims, relevance) == pytest.approx(c["expected"]["eccv_caption"][f"{d}_map_at_r"], abs=1e-9)
-        assert r_precision(sims, relevance) == pytest.approx(c["expected"]["eccv_caption"][f"{d}_r_precision"], abs=1e-9)
+        assert r_precision(sims, relevance) == pytest.approx(
+            c["expected"]["eccv_caption"][f"{d}_r_precision"], abs=1e-9
+        )
 
 
 @pytest.mark.slow
@@ -252,7 +262,9 @@ def test_the_stage_reports_the_planted_values(planted_case: dict, tmp_path: Path
     assert_planted(got, c["expected"])
     assert got["full"]["t2i_r1"] == pytest.approx(20.0)  # only caption k=0 ranks its own image first
     written = json.loads((tmp_path / "metrics.json").read_text())
-    assert written["eccv_caption"] == pytest.approx(got["eccv_caption"]) and written["pmrp"] == pytest.approx(got["pmrp"])
+    assert written["eccv_caption"] == pytest.approx(got["eccv_caption"]) and written["pmrp"] == pytest.approx(
+        got["pmrp"]
+    )
     table = metrics_table(written)
     assert {"eccv_caption.i2t_map_at_r", "cxc.t2i_r5", "pmrp.t2i"} <= set(table.columns[0]._cells)
 
@@ -267,8 +279,12 @@ def test_benchmarks_need_the_coco_files(tmp_path: Path, split) -> None:
     store = write_store(tmp_path / "emb.zarr", images, image_digits, text_digits)
 
     def run(paths: dict, benchmarks: list[str]):
-        params = Params.model_validate({"paths": {"dataset_json": files["dataset_coco"], **paths},
-                                        "evaluate": {"split": "test", "protocol": "full", "benchmarks": benchmarks}})
+        params = Params.model_validate(
+            {
+                "paths": {"dataset_json": files["dataset_coco"], **paths},
+                "evaluate": {"split": "test", "protocol": "full", "benchmarks": benchmarks},
+            }
+        )
         return run_evaluate(params, embeddings=store, metrics=tmp_path / "m.json", plots=tmp_path / "p")
 
     with pytest.raises(CocoIdError, match="need the COCO captions file captions_val2014.json"):
@@ -276,3 +292,26 @@ def test_benchmarks_need_the_coco_files(tmp_path: Path, split) -> None:
     with pytest.raises(CocoIdError, match="pmrp needs COCO instance labels: set paths.coco_instances"):
         run({"coco_captions": files["captions_val2014"]}, ["recall", "pmrp"])
     assert not (tmp_path / "m.json").exists()  # nothing half-written
+
+
+def test_benchmark_params_and_table_rows(tmp_path: Path) -> None:
+    from pipeline.params import ParamsError, load_params
+    from stages.evaluate import metrics_table
+
+    bad = tmp_path / "p.yaml"
+    bad.write_text("evaluate:\n  benchmarks: [eccv_caption]\n")
+    with pytest.raises(ParamsError, match=r"evaluate.benchmarks: .*must list recall"):
+        load_params(bad)
+    bad.write_text("evaluate:\n  benchmarks: [recall, eccv]\n")
+    with pytest.raises(ParamsError, match=r"evaluate.benchmarks.1: Input should be 'recall', 'eccv_caption'"):
+        load_params(bad)
+    results = {
+        "full": {"i2t_r1": 50.0},
+        "eccv_caption": {"i2t_map_at_r": 26.2, "t2i_map_at_r": 48.0},
+        "cxc": {"i2t_r1": 10.0},
+        "pmrp": {"i2t": 40.0, "t2i": 41.0},
+        "info": {"split": "test", "n_images": 5000, "n_captions": 25000, "similarity": "chamfer", "source": "x"},
+    }
+    rows = metrics_table(results).columns[0]._cells
+    assert rows == ["i2t_r1", "eccv_caption.i2t_map_at_r", "eccv_caption.t2i_map_at_r", "cxc.i2t_r1", "pmrp.i2t",
+                    "pmrp.t2i"]  # fmt: skip
