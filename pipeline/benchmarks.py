@@ -27,7 +27,7 @@ metrics.json groups (percent, like the rest)::
 
     "eccv_caption": {"i2t_map_at_r", "i2t_r_precision", "i2t_r1", "t2i_map_at_r", "t2i_r_precision", "t2i_r1"}
     "cxc":          {"i2t_r<k>", "t2i_r<k>" for k in evaluate.benchmark_ks}
-    "pmrp":         {"i2t", "t2i"}                 (zeta = 2, own pairs omitted: the package's pm_*.json convention)
+    "pmrp":         {"i2t", "t2i"}      (zeta = evaluate.pmrp_zeta, default 2, own pairs omitted: the pm_*.json convention)
 """
 
 from __future__ import annotations
@@ -199,14 +199,17 @@ def compute_benchmarks(
 
 
 def pm_ground_truth(
-    image_coco: list[int], *, instances_json: str | None, pm_dir: str | None
+    image_coco: list[int], *, instances_json: str | None, pm_dir: str | None, zeta: int = 2
 ) -> tuple[dict[int, list[int]], dict[int, list[int]]]:
-    """Plausible-match ground truth: the package's ``pm_*.json`` from ``pm_dir``, else computed from the instances.
+    """Plausible-match ground truth: the package's ``pm_*.json`` from ``pm_dir``, else computed from the instances
+    at Hamming threshold ``zeta`` (own pairs omitted, the files' convention).
 
     Raises:
-        CocoIdError: neither file given.
+        CocoIdError: neither file given, or ``pm_dir`` with a ``zeta`` other than the files' 2.
     """
     if pm_dir:
+        if zeta != 2:
+            raise CocoIdError(f"eccv-caption's pm_*.json files are zeta = 2; unset paths.coco_pm_dir for zeta {zeta}")
         return read_pm_files(pm_dir)
     if not instances_json:
         raise CocoIdError(
@@ -216,7 +219,7 @@ def pm_ground_truth(
     _, i2t = package_test_split()
     coded_ids, codes = category_codes(instances_json, image_coco)
     logger.info("plausible matches: %d of %d images have instance labels", len(coded_ids), len(image_coco))
-    return plausible_match_sets(codes, coded_ids, i2t, zeta=2, omit_original=True)
+    return plausible_match_sets(codes, coded_ids, i2t, zeta=zeta, omit_original=True)
 
 
 def run_benchmarks(
@@ -257,7 +260,12 @@ def run_benchmarks(
     check_test_split(image_coco, caption_coco, [ids.caption_images[c] for c in caption_ids])
     pm = None
     if "pmrp" in chosen:
-        pm = pm_ground_truth(image_coco, instances_json=paths.coco_instances or None, pm_dir=paths.coco_pm_dir or None)
+        pm = pm_ground_truth(
+            image_coco,
+            instances_json=paths.coco_instances or None,
+            pm_dir=paths.coco_pm_dir or None,
+            zeta=ev.pmrp_zeta,
+        )
 
     def i2t_topk(rows: list[int], k: int) -> np.ndarray:  # image queries over all captions
         _, idx = score(image[rows], text, similarity=similarity, block_size=ev.block_size, topk=k, **similarity_kwargs)

@@ -166,6 +166,7 @@ class EvaluateParams(_Strict):
         default_factory=lambda: ["recall"], description="recall (always) + COCO 5K benchmarks via eccv_caption"
     )
     benchmark_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="R@K cut-offs of cxc")
+    pmrp_zeta: int = Field(2, ge=0, le=2, description="PCME's Hamming threshold of plausible matches (files: 2)")
 
     @field_validator("recall_ks", "benchmark_ks")
     @classmethod

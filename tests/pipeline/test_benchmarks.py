@@ -112,7 +112,7 @@ def write_inputs(tmp: Path, images: list[int], captions: list[int]) -> dict[str,
     return {name: str(tmp / f"{name}.json") for name in ("dataset_coco", "captions_val2014", "instances_val2014")}
 
 
-def naive_pm_sets(instances: str, images: list[int], captions: list[int]):
+def naive_pm_sets(instances: str, images: list[int], captions: list[int], zeta: int = 2):
     labels: dict[int, set[int]] = {}
     for ann in json.loads(Path(instances).read_text())["annotations"]:
         labels.setdefault(ann["image_id"], set()).add(ann["category_id"])
@@ -120,7 +120,7 @@ def naive_pm_sets(instances: str, images: list[int], captions: list[int]):
     by_set: dict[frozenset, list[int]] = {}
     for iid, cats in labels.items():
         by_set.setdefault(frozenset(cats), []).append(iid)
-    near = {a: [i for b, ids in by_set.items() if len(a ^ b) <= 2 for i in ids] for a in by_set}
+    near = {a: [i for b, ids in by_set.items() if len(a ^ b) <= zeta for i in ids] for a in by_set}
     i2t, t2i = {}, {}
     for a in labels:
         partners = sorted(b for b in near[frozenset(labels[a])] if b != a)
@@ -278,11 +278,11 @@ def test_benchmarks_need_the_coco_files(tmp_path: Path, split) -> None:
     image_digits, text_digits = planted()
     store = write_store(tmp_path / "emb.zarr", images, image_digits, text_digits)
 
-    def run(paths: dict, benchmarks: list[str]):
+    def run(paths: dict, benchmarks: list[str], zeta: int = 2):
         params = Params.model_validate(
             {
                 "paths": {"dataset_json": files["dataset_coco"], **paths},
-                "evaluate": {"split": "test", "protocol": "full", "benchmarks": benchmarks},
+                "evaluate": {"split": "test", "protocol": "full", "benchmarks": benchmarks, "pmrp_zeta": zeta},
             }
         )
         return run_evaluate(params, embeddings=store, metrics=tmp_path / "m.json", plots=tmp_path / "p")
@@ -291,6 +291,8 @@ def test_benchmarks_need_the_coco_files(tmp_path: Path, split) -> None:
         run({}, ["recall", "eccv_caption"])
     with pytest.raises(CocoIdError, match="pmrp needs COCO instance labels: set paths.coco_instances"):
         run({"coco_captions": files["captions_val2014"]}, ["recall", "pmrp"])
+    with pytest.raises(CocoIdError, match="pm_\\*.json files are zeta = 2; unset paths.coco_pm_dir for zeta 1"):
+        run({"coco_captions": files["captions_val2014"], "coco_pm_dir": str(tmp_path)}, ["recall", "pmrp"], zeta=1)
     assert not (tmp_path / "m.json").exists()  # nothing half-written
 
 
@@ -315,3 +317,14 @@ def test_benchmark_params_and_table_rows(tmp_path: Path) -> None:
     rows = metrics_table(results).columns[0]._cells
     assert rows == ["i2t_r1", "eccv_caption.i2t_map_at_r", "eccv_caption.t2i_map_at_r", "cxc.i2t_r1", "pmrp.i2t",
                     "pmrp.t2i"]  # fmt: skip
+
+
+@pytest.mark.parametrize("zeta", [0, 1, 2])
+def test_plausible_match_sets_equal_the_naive_rule(planted_case: dict, zeta: int) -> None:
+    from pipeline.benchmarks import pm_ground_truth
+
+    c = planted_case
+    got = pm_ground_truth(c["images"], instances_json=c["files"]["instances_val2014"], pm_dir=None, zeta=zeta)
+    want = naive_pm_sets(c["files"]["instances_val2014"], c["images"], c["captions"], zeta)
+    assert got[0] == {q: sorted(v) for q, v in want[0].items()} and got[1] == {q: sorted(v) for q, v in want[1].items()}
+    assert len(got[0]) > 1000
