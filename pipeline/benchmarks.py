@@ -27,7 +27,7 @@ metrics.json groups (percent, like the rest)::
 
     "eccv_caption": {"i2t_map_at_r", "i2t_r_precision", "i2t_r1", "t2i_map_at_r", "t2i_r_precision", "t2i_r1"}
     "cxc":          {"i2t_r<k>", "t2i_r<k>" for k in evaluate.benchmark_ks}
-    "pmrp":         {"i2t", "t2i"}      (zeta = evaluate.pmrp_zeta, default 2, own pairs omitted: the pm_*.json convention)
+    "pmrp":         {"i2t", "t2i"}   (zeta = evaluate.pmrp_zeta, default 2, own pairs omitted: pm_*.json convention)
 """
 
 from __future__ import annotations
