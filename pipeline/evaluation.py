@@ -294,6 +294,11 @@ def run_evaluate(
         ev.split, n_images, image.shape[1], n_captions, text.shape[1], name, kwargs, source, protocols,
     )  # fmt: skip
 
+    from pipeline.benchmarks import run_benchmarks  # COCO 5K benchmarks of evaluate.benchmarks (eccv_caption)
+
+    benchmarks = run_benchmarks(params, image=image, text=text, image_ids=data.image_ids,
+                                caption_ids=data.caption_ids, similarity=name, similarity_kwargs=kwargs)  # fmt: skip
+
     def scorer(images: slice, captions: slice) -> torch.Tensor:
         return score(image[images], text[captions], similarity=name, block_size=ev.block_size, **kwargs)
 
@@ -352,6 +357,7 @@ def run_evaluate(
             cv[f"{modality}_mean"] = values.mean().item()
             cv[f"{modality}_log_mean"] = math.log(cv[f"{modality}_mean"]) if cv[f"{modality}_mean"] > 0 else -math.inf
         results["circular_variance"] = cv
+        results.update(benchmarks)
 
     def elements(sel: list[int] | None) -> str:
         return "all" if sel is None else ",".join(map(str, sel))
@@ -400,7 +406,7 @@ def metrics_table(results: dict[str, Any]) -> Any:
     keys = list(results[protocols[0]])
     for key in keys:
         table.add_row(key, *(f"{results[p][key]:.2f}" if key in results[p] else "-" for p in protocols))
-    for group in ("precision", "circular_variance"):
+    for group in ("precision", "circular_variance", "eccv_caption", "cxc", "pmrp"):
         for key, value in results.get(group, {}).items():
             table.add_row(f"{group}.{key}", *[f"{value:.3f}"] + [""] * (len(protocols) - 1))
     return table

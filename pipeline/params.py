@@ -33,6 +33,9 @@ class PathsParams(_Strict):
     image_root: str = "data/shapes/images"
     relevance: str = Field("data/shapes/relevance.json", description="exhaustive relevance file; \"\" = none")
     precomp_root: str | None = None
+    coco_captions: str = Field("", description='COCO captions_val2014.json for the COCO benchmarks; "" = none')
+    coco_instances: str = Field("", description='COCO instances_val2014.json for pmrp; "" = none')
+    coco_pm_dir: str = Field("", description='folder with eccv-caption pm_*.json (pmrp); "" = compute them')
     features: str = "artifacts/features.zarr"
     training: str = "artifacts/training"
     model: str = "artifacts/model"
@@ -171,13 +174,25 @@ class EvaluateParams(_Strict):
     image_elements: list[int] | None = Field(None, description="evaluate with a subset of image set elements (Table 5)")
     text_elements: list[int] | None = None
     recall_ks: list[int] = Field(default_factory=lambda: [1, 2, 5, 10, 20, 50])
+    benchmarks: list[Literal["recall", "eccv_caption", "cxc", "pmrp"]] = Field(
+        default_factory=lambda: ["recall"], description="recall (always) + COCO 5K benchmarks via eccv_caption"
+    )
+    benchmark_ks: list[int] = Field(default_factory=lambda: [1, 5, 10], description="R@K cut-offs of cxc")
+    pmrp_zeta: int = Field(2, ge=0, le=2, description="PCME's Hamming threshold of plausible matches (files: 2)")
 
-    @field_validator("recall_ks")
+    @field_validator("recall_ks", "benchmark_ks")
     @classmethod
     def _positive(cls, v: list[int]) -> list[int]:
         if not v or any(k <= 0 for k in v):
-            raise ValueError(f"recall_ks must be positive integers, got {v}")
+            raise ValueError(f"must be positive integers, got {v}")
         return sorted(set(v))
+
+    @field_validator("benchmarks")
+    @classmethod
+    def _recall_first(cls, v: list[str]) -> list[str]:
+        if "recall" not in v or len(set(v)) != len(v):
+            raise ValueError(f"must list recall (the stage's own protocol always runs) and no name twice, got {v}")
+        return v
 
 
 class IndexParams(_Strict):

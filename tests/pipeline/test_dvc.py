@@ -21,7 +21,7 @@ EXTRA_MODULES = {
     "report": ["pipeline/reporting.py", "pipeline/report.py"],
     "train": ["pipeline/training.py", "pipeline/ray_train.py"],
     "embed": ["pipeline/embedding.py"],
-    "evaluate": ["pipeline/evaluation.py"],
+    "evaluate": ["pipeline/evaluation.py", "pipeline/benchmarks.py", "pipeline/coco_ids.py"],
     "extract": ["pipeline/feature_cache.py", "pipeline/extraction.py"],
 }
 
