@@ -6,9 +6,16 @@ BERT, or GloVe token ids). Each side is cut into work units of ``items_per_unit`
 written whole (``setemb.feature_store`` marks it done last), so a killed run redoes only the units not marked done.
 
 Parallelism: ``workers == 1`` runs in-process (no Ray). ``workers > 1`` spreads units over that many Ray actors, each
-loading its backbone once and running torch with one thread (PLATFORM §9: two one-thread processes beat one
-two-thread process); each actor writes distinct, chunk-aligned units, which the store guarantees are race-free.
-Image decoding overlaps the forward pass through a small thread pool with a bounded look-ahead.
+loading its backbone once; each actor writes distinct, chunk-aligned units, which the store guarantees are race-free.
+On CPU every worker runs torch with one thread (PLATFORM §9: two one-thread processes beat one two-thread process).
+On CUDA (`pipeline.devices`) each actor holds ``gpus_per_worker`` GPUs (``num_gpus``) and the CPUs left per GPU for
+decoding, runs two units at once (so one unit's decode and Zarr write overlap the other's forward pass), and the
+backbone runs under float16 autocast unless ``extract.precision`` says otherwise.
+
+Overlap inside a process: images are decoded and batched by `pipeline.image_loader.BatchLoader` threads ahead of the
+forward pass (pinned batches, non-blocking copies on CUDA), and each finished unit is written to Zarr by a writer
+thread while the next unit computes. Ray Data's ``map_batches`` is not used, for the reasons in docs/DESIGN.md
+("Extraction on accelerators").
 
 Test hook: when the environment variable ``SETEMB_TEST_KILL_AFTER_UNITS=N`` is set, the process that writes its N-th
 work unit kills itself with SIGKILL right after the write (used by the resume tests; never set it otherwise).
@@ -24,16 +31,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from pipeline.cli import StageError
+from pipeline.devices import Compute
+from pipeline.extract_workers import WorkerPool
 from pipeline.image_backbones import BadImageError, PrecomputedRegions, create_visual_backbone, decode_image
+from pipeline.image_loader import BatchLoader, scan_images
 from pipeline.text_backbones import create_text_backbone
 from setemb.data import SplitIndex, missing_images
 from setemb.feature_store import FeatureStoreWriter, ModalityWriter
@@ -53,14 +60,6 @@ class UnreadableImageError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------------ helpers
-def default_workers() -> int:
-    """CPU cores usable by this process (the meaning of ``workers = 0``)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def subset_index(index: SplitIndex, keep: Sequence[int] | np.ndarray) -> SplitIndex:
     """The split restricted to images ``keep`` (in order) and their captions; ``caption_to_image`` is rebuilt.
 
@@ -86,39 +85,24 @@ def subset_index(index: SplitIndex, keep: Sequence[int] | np.ndarray) -> SplitIn
     )
 
 
-def scan_images(paths: Sequence[Path], ids: Sequence[str], threads: int = 2) -> list[dict[str, str]]:
-    """Decode every image once; the rejected ones as ``{"id", "path", "reason"}`` records (missing files included)."""
-
-    def check(i: int) -> dict[str, str] | None:
-        if not Path(paths[i]).is_file():
-            return {"id": str(ids[i]), "path": str(paths[i]), "reason": "missing file"}
-        try:
-            decode_image(paths[i])
-        except BadImageError as err:
-            return {"id": str(ids[i]), "path": str(paths[i]), "reason": err.reason}
-        return None
-
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        return [r for r in pool.map(check, range(len(paths))) if r is not None]
-
-
 @dataclass(frozen=True)
 class BackboneSpec:
-    """What a worker needs to build a backbone: ``create_{kind}_backbone(name, weights, **kwargs)``."""
+    """What a worker needs to build a backbone: ``create_{kind}_backbone(name, weights, device, **kwargs)``."""
 
     kind: Literal["visual", "text"]
     name: str
     weights: str | None = None
     kwargs: tuple[tuple[str, Any], ...] = ()
+    device: str = "cpu"
 
     def build(self) -> torch.nn.Module:
         return _build_backbone(self)
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=4)
 def _build_backbone(spec: BackboneSpec) -> torch.nn.Module:
     create = create_visual_backbone if spec.kind == "visual" else create_text_backbone
-    return create(spec.name, weights=spec.weights, **dict(spec.kwargs))
+    return create(spec.name, weights=spec.weights, device=spec.device, **dict(spec.kwargs))
 
 
 def _after_unit_written() -> None:
@@ -127,22 +111,6 @@ def _after_unit_written() -> None:
     limit = os.environ.get(KILL_AFTER_UNITS_ENV)
     if limit and _units_written >= int(limit):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _prefetch(pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Sequence[Any], lookahead: int) -> Iterator:
-    """``fn(item)`` for each item, in order, computed by ``pool`` at most ``lookahead`` items ahead."""
-    pending: deque[Future] = deque()
-    it = iter(items)
-    for item in it:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= lookahead:
-            break
-    while pending:
-        result = pending.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(pool.submit(fn, nxt))
-        yield result
 
 
 # ---------------------------------------------------------------------------------------------------- work units
@@ -162,6 +130,7 @@ class UnitJob:
         caption_to_image: ``[n]`` int64 for text.
         regions: ``[rows, N, D]`` array-like for ``regions`` (memmap or `HDF5Regions`).
         decode_threads: image decoding threads (0 = decode inline, without overlapping the forward pass).
+        compute: device and autocast dtype of the backbone (regions are always copied on the CPU).
     """
 
     writer: ModalityWriter
@@ -174,16 +143,27 @@ class UnitJob:
     caption_to_image: np.ndarray | None = None
     regions: Any = None
     decode_threads: int = 1
+    compute: Compute = field(default_factory=Compute)
 
     def unit_range(self, unit: int) -> tuple[int, int]:
         return unit * self.unit_size, min(len(self.items), (unit + 1) * self.unit_size)
 
     def run(self, units: Sequence[int]) -> Iterator[tuple[int, int]]:
-        """Compute and write ``units`` in order; yields ``(unit, items)`` after each write."""
+        """Compute and write ``units`` in order; yields ``(unit, items)`` after each write.
+
+        A writer thread writes unit u while unit u + 1 computes (at most one write pending).
+        """
         body = {"image": self._image_units, "regions": self._region_units, "text": self._text_units}[self.kind]
-        for unit, n in body(units):
-            _after_unit_written()
-            yield unit, n
+        pending: deque[tuple[int, Future]] = deque()
+        with ThreadPoolExecutor(1, thread_name_prefix="zarr-write") as writes:
+            for unit, local, global_ in body(units):
+                pending.append((unit, writes.submit(self._write, unit, local, global_)))
+                while len(pending) > 1:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
 
     def _batches(self, unit: int) -> Iterator[tuple[int, int]]:
         lo, hi = self.unit_range(unit)
@@ -195,10 +175,12 @@ class UnitJob:
         c2i = None if self.caption_to_image is None else self.caption_to_image[lo:hi]
         gl = None if global_ is None else np.concatenate(global_)
         self.writer.write_unit(unit, local, gl, list(self.ids[lo:hi]), caption_to_image=c2i)
+        _after_unit_written()
         return hi - lo
 
-    def _image_units(self, units: Sequence[int]) -> Iterator[tuple[int, int]]:
+    def _image_units(self, units: Sequence[int]) -> Iterator[tuple[int, list, list | None]]:
         model = self.backbone.build()
+        compute = self.compute
 
         def load(i: int) -> torch.Tensor:
             try:
@@ -206,22 +188,20 @@ class UnitJob:
             except BadImageError as err:
                 raise UnreadableImageError(f"{err}; {_SKIP_HINT}") from None
 
-        order = [i for u in units for i in range(*self.unit_range(u))]
-        with ThreadPoolExecutor(max(1, self.decode_threads)) as pool:
-            if self.decode_threads > 0:
-                stream = _prefetch(pool, load, order, lookahead=2 * self.batch_size)
-            else:  # no overlap: decode in this thread (benchmark baseline)
-                stream = map(load, order)
+        ranges = [r for u in units for r in self._batches(u)]
+        with BatchLoader(load, ranges, self.decode_threads, pin_memory=compute.pin_memory) as loader:
+            batches = iter(loader)
             for unit in units:
                 local, global_ = [], []
-                for lo, hi in self._batches(unit):
-                    images = torch.stack([next(stream) for _ in range(hi - lo)])  # [B, 3, H, W]
-                    loc, glo, _ = model(images)  # [B, N, C], [B, C]
-                    local.extend(loc.float().cpu().numpy())
-                    global_.append(glo.float().cpu().numpy())
-                yield unit, self._write(unit, local, global_)
+                for _ in self._batches(unit):
+                    images = compute.to_device(next(batches))  # [B, 3, H, W]
+                    with compute.autocast_context():
+                        loc, glo, _ = model(images)  # [B, N, C], [B, C]
+                    local.extend(loc.cpu().float().numpy())
+                    global_.append(glo.cpu().float().numpy())
+                yield unit, local, global_
 
-    def _region_units(self, units: Sequence[int]) -> Iterator[tuple[int, int]]:
+    def _region_units(self, units: Sequence[int]) -> Iterator[tuple[int, list, list | None]]:
         _, R, D = self.regions.shape
         model = PrecomputedRegions(num_regions=R, feature_dim=D)
         rows = np.asarray(self.items, dtype=np.int64)
@@ -232,34 +212,21 @@ class UnitJob:
                 loc, glo, _ = model(x)  # [B, R, D], [B, D] max pool (M§2 BUTD)
                 local.extend(loc.numpy())
                 global_.append(glo.numpy())
-            yield unit, self._write(unit, local, global_)
+            yield unit, local, global_
 
-    def _text_units(self, units: Sequence[int]) -> Iterator[tuple[int, int]]:
+    def _text_units(self, units: Sequence[int]) -> Iterator[tuple[int, list, list | None]]:
         model = self.backbone.build()
         for unit in units:
             local, global_ = [], []
             for lo, hi in self._batches(unit):
-                loc, glo, lengths = model.encode(list(self.items[lo:hi]))  # [B, T, C] or [B, T] ids, [B, C], [B]
-                loc, lengths = loc.cpu().numpy(), lengths.cpu().numpy()
+                with self.compute.autocast_context():
+                    loc, glo, lengths = model.encode(list(self.items[lo:hi]))  # [B, T, C] or [B, T] ids, [B, C], [B]
+                loc, lengths = loc.cpu(), lengths.cpu().numpy()
+                loc = (loc if loc.dtype == torch.long else loc.float()).numpy()
                 local.extend(loc[i, : lengths[i]] for i in range(len(lengths)))
                 if glo is not None:
-                    global_.append(glo.float().cpu().numpy())
-            yield unit, self._write(unit, local, global_ or None)
-
-
-class _UnitWorker:
-    """A Ray actor: one torch thread; backbones are built once per process (cached) and reused across jobs."""
-
-    def __init__(self) -> None:
-        torch.set_num_threads(1)
-
-    def setup(self, job: UnitJob) -> int:
-        if job.backbone is not None:
-            job.backbone.build()
-        return os.getpid()
-
-    def run(self, job: UnitJob, unit: int) -> int:
-        return sum(n for _, n in job.run([unit]))
+                    global_.append(glo.cpu().float().numpy())
+            yield unit, local, global_ or None
 
 
 # ------------------------------------------------------------------------------------------------------ running
@@ -267,106 +234,6 @@ def _bar(total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="it", disable=not enabled, dynamic_ncols=True, leave=False)
-
-
-@contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class WorkerPool:
-    """Where units run: in-process for ``workers <= 1``, else on ``workers`` Ray actors started on first use.
-
-    Every worker computes with ONE torch thread (the in-process one too), so the stored values do not depend on
-    ``workers`` (oneDNN convolutions round differently with 1 and 2 threads). Ray is started locally
-    (``ray.init(num_cpus=<cores>)``, no dashboard, worker logs off) or attached to ``RAY_ADDRESS``, and shut down on
-    exit only if this pool started it. Use as a context manager; the actors are reused for every job.
-
-    Args:
-        workers: number of one-thread workers; 0 = one per CPU core.
-    """
-
-    def __init__(self, workers: int = 1) -> None:
-        self.workers = default_workers() if workers == 0 else workers
-        self._actors: list[Any] = []
-        self._started_ray = False
-
-    def __enter__(self) -> WorkerPool:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if self._actors or self._started_ray:
-            import ray
-
-            for actor in self._actors:
-                ray.kill(actor)
-            self._actors = []
-            if self._started_ray:
-                ray.shutdown()
-                self._started_ray = False
-
-    def run(self, job: UnitJob, units: list[int], bar: Any) -> None:
-        """Compute ``units`` of ``job``, updating ``bar`` with the items of each finished unit."""
-        if self.workers <= 1 or job.kind == "regions" or len(units) == 1:
-            with _one_torch_thread():
-                for _, n in job.run(units):
-                    bar.update(n)
-        else:
-            self._run_ray(job, units, bar)
-
-    def _ray(self) -> Any:
-        import ray
-
-        if not ray.is_initialized():
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            quiet = {"log_to_driver": False, "logging_level": logging.ERROR}
-            if os.environ.get("RAY_ADDRESS"):
-                ray.init(**quiet)
-            else:
-                ray.init(num_cpus=default_workers(), include_dashboard=False, **quiet)
-            self._started_ray = True
-        if not self._actors:
-            cpus = float(ray.cluster_resources().get("CPU", self.workers))
-            actor_cls = ray.remote(_UnitWorker).options(num_cpus=min(1.0, cpus / self.workers))
-            self._actors = [actor_cls.remote() for _ in range(self.workers)]
-        return ray
-
-    def _run_ray(self, job: UnitJob, units: list[int], bar: Any) -> None:
-        """Two units in flight per actor; a finished unit frees its actor for the next one (``ray.wait``)."""
-        ray = self._ray()
-        from ray.exceptions import RayActorError, RayTaskError
-
-        try:
-            job_ref = ray.put(job)
-            ray.get([a.setup.remote(job_ref) for a in self._actors])
-            todo, running = deque(units), {}
-            for actor in self._actors * 2:
-                if todo:
-                    running[actor.run.remote(job_ref, todo.popleft())] = actor
-            while running:
-                done, _ = ray.wait(list(running), num_returns=1)
-                actor = running.pop(done[0])
-                bar.update(ray.get(done[0]))
-                if todo:
-                    running[actor.run.remote(job_ref, todo.popleft())] = actor
-        except RayTaskError as err:
-            cause = getattr(err, "cause", None)
-            if isinstance(cause, Exception):
-                raise cause from None
-            raise
-        except RayActorError as err:
-            self._actors = []
-            raise StageError(
-                f"an extraction worker died ({type(err).__name__}); finished units are kept, re-run to resume"
-            ) from None
 
 
 def run_units(job: UnitJob, pool: WorkerPool, *, progress: bool = False, desc: str = "") -> dict[str, float]:
@@ -442,11 +309,13 @@ def run_extraction(
     text_batch_size: int = 128,
     items_per_unit: int = 256,
     workers: int = 1,
+    compute: Compute | None = None,
+    gpus_per_worker: float = 1.0,
     pool: WorkerPool | None = None,
     limit: int | None = None,
     on_bad_image: Literal["fail", "skip"] = "fail",
     rejected: list[dict[str, str]] | None = None,
-    decode_threads: int = 1,
+    decode_threads: int | None = None,
     progress: bool = False,
     on_filtered: Callable[[list[dict[str, str]]], None] | None = None,
 ) -> SplitReport:
@@ -464,13 +333,17 @@ def run_extraction(
         dtype: float storage dtype.
         batch_size, text_batch_size: images / captions per forward pass.
         items_per_unit: items per resumable work unit.
-        workers: 1 = in-process; N > 1 = N Ray actors; 0 = one per CPU core (ignored when ``pool`` is given).
+        workers: 1 = in-process; N > 1 = N Ray actors; 0 = one per CPU core or GPU (ignored when ``pool`` is given).
+        compute: device and autocast dtype (`pipeline.devices.resolve_compute`); default CPU float32. Ignored when
+            ``pool`` is given (the pool's is used).
+        gpus_per_worker: GPUs per CUDA worker (ignored when ``pool`` is given).
         pool: a `WorkerPool` shared across splits (its Ray actors are reused); default: one for this call.
         limit: keep only the first ``limit`` images (and their captions).
         on_bad_image: ``fail`` (missing/corrupt image -> `BadImageError`) or ``skip`` (drop those images and their
             captions; they are returned in the report).
         rejected: a previous ``skip`` scan of this split to reuse (resume) instead of decoding every image again.
-        decode_threads: threads decoding images ahead of the forward pass (per process).
+        decode_threads: threads decoding images ahead of the forward pass (per process); None = the pool's choice
+            (1 on CPU, the worker's share of the cores on CUDA); 0 = decode inline (no overlap).
         progress: draw tqdm bars on stderr.
         on_filtered: called with the rejected records once the split is filtered, before any unit is computed.
 
@@ -484,8 +357,10 @@ def run_extraction(
     """
     if pool is None:
         args = dict(locals())
-        with WorkerPool(workers) as args["pool"]:
+        with WorkerPool(workers, compute, gpus_per_worker) as args["pool"]:
             return run_extraction(**args)
+    if decode_threads is None:
+        decode_threads = pool.decode_threads
     if limit is not None:
         index = subset_index(index, range(min(limit, index.n_images)))
     report_rejected: list[dict[str, str]] = []
@@ -505,17 +380,20 @@ def run_extraction(
 
     # Both groups first: missing weights or a bad layout fail before any unit is computed.
     image_job = _image_job(index, writer, visual_backbone, image_weights, visual_kwargs, regions, dtype,
-                           batch_size, items_per_unit, decode_threads)  # fmt: skip
+                           batch_size, items_per_unit, decode_threads, pool.compute)  # fmt: skip
     text_job = _text_job(
-        index, writer, text_backbone, text_weights, text_kwargs, dtype, text_batch_size, items_per_unit
+        index, writer, text_backbone, text_weights, text_kwargs, dtype, text_batch_size, items_per_unit, pool.compute
     )
     report.timings["image"] = run_units(image_job, pool, progress=progress, desc=f"{index.name}/image")
     report.timings["text"] = run_units(text_job, pool, progress=progress, desc=f"{index.name}/text")
     return report
 
 
-def _spec(kind: Literal["visual", "text"], name: str, weights: str | None, kwargs: dict | None) -> BackboneSpec:
-    return BackboneSpec(kind, name, None if weights is None else str(weights), tuple(sorted((kwargs or {}).items())))
+def _spec(
+    kind: Literal["visual", "text"], name: str, weights: str | None, kwargs: dict | None, device: str = "cpu"
+) -> BackboneSpec:
+    weights = None if weights is None else str(weights)
+    return BackboneSpec(kind, name, weights, tuple(sorted((kwargs or {}).items())), device)
 
 
 def _image_job(
@@ -529,29 +407,30 @@ def _image_job(
     batch_size: int,
     unit_size: int,
     decode_threads: int,
+    compute: Compute,
 ) -> UnitJob:
-    """The image group's job; the group is created on first use (building the backbone to learn its dims)."""
+    """The image group's job; the group is created on first use (building the backbone on the CPU, to learn its
+    dims: on CUDA the driver's copy would otherwise hold a GPU that a worker needs)."""
     layout: dict[str, Any] = {"n": index.n_images, "backbone": backbone, "unit_size": unit_size}
     layout.update(local_dtype=dtype, global_dtype=dtype)
-    exists = _existing(writer, index.name, "image", index.n_images)
     if backbone == "precomputed":
         _, R, D = regions.shape
-        if not exists:
+        if not _existing(writer, index.name, "image", index.n_images):
             writer.require_modality(index.name, "image", local_dim=D, global_dim=D, max_tokens=R, **layout)
         return UnitJob(
             writer.modality(index.name, "image"), "regions", index.region_rows, index.image_ids, unit_size,
             batch_size=batch_size, regions=regions,
         )  # fmt: skip
-    spec = _spec("visual", backbone, weights, kwargs)
-    if not exists:
-        m = spec.build()
+    spec = _spec("visual", backbone, weights, kwargs, compute.device)
+    if not _existing(writer, index.name, "image", index.n_images, compute):
+        m = _spec("visual", backbone, weights, kwargs).build()
         writer.require_modality(
             index.name, "image", local_dim=m.local_dim, global_dim=m.global_dim, max_tokens=m.max_tokens,
-            grid=m.grid, attrs={"image_size": m.image_size}, **layout,
+            grid=m.grid, attrs={"image_size": m.image_size, "compute": compute.label}, **layout,
         )  # fmt: skip
     return UnitJob(
         writer.modality(index.name, "image"), "image", index.image_paths, index.image_ids, unit_size, spec,
-        batch_size, decode_threads=decode_threads,
+        batch_size, decode_threads=decode_threads, compute=compute,
     )  # fmt: skip
 
 
@@ -564,31 +443,43 @@ def _text_job(
     dtype: str,
     batch_size: int,
     unit_size: int,
+    compute: Compute,
 ) -> UnitJob:
     """The text group's job (created on first use); glove stores int32 token ids and ``vocab_size``."""
-    spec = _spec("text", backbone, weights, kwargs)
-    if not _existing(writer, index.name, "text", index.n_captions):
-        m = spec.build()
+    spec = _spec("text", backbone, weights, kwargs, compute.device)
+    if not _existing(writer, index.name, "text", index.n_captions, compute):
+        m = _spec("text", backbone, weights, kwargs).build()
+        attrs: dict[str, Any] = {"compute": compute.label}
+        if hasattr(m, "vocab"):
+            attrs["vocab_size"] = len(m.vocab)
         writer.require_modality(
             index.name, "text", n=index.n_captions, backbone=backbone, local_dim=m.local_dim,
             global_dim=m.global_dim, max_tokens=m.max_tokens, local_dtype=m.local_dtype or dtype,
-            global_dtype=dtype, unit_size=unit_size,
-            attrs={"vocab_size": len(m.vocab)} if hasattr(m, "vocab") else None,
+            global_dtype=dtype, unit_size=unit_size, attrs=attrs,
         )  # fmt: skip
     return UnitJob(
         writer.modality(index.name, "text"), "text", index.captions, index.caption_ids, unit_size, spec, batch_size,
-        caption_to_image=index.caption_to_image,
+        caption_to_image=index.caption_to_image, compute=compute,
     )  # fmt: skip
 
 
-def _existing(writer: FeatureStoreWriter, split: str, modality: str, n: int) -> bool:
-    """Whether ``<split>/<modality>`` was created by an earlier (interrupted) run; its item count must match."""
+def _existing(writer: FeatureStoreWriter, split: str, modality: str, n: int, compute: Compute | None = None) -> bool:
+    """Whether ``<split>/<modality>`` was created by an earlier (interrupted) run; its item count must match, and so
+    must the device / precision its units were computed with (a store never mixes them)."""
     name = f"{split}/{modality}"
     if name not in writer.root:
         return False
-    count = writer.root[name].attrs.get("count")
-    if count != n:
-        raise ValueError(f"{writer.path}/{name} holds {count} items, expected {n}; delete the store to re-extract")
+    attrs = writer.root[name].attrs
+    if attrs.get("count") != n:
+        raise ValueError(
+            f"{writer.path}/{name} holds {attrs.get('count')} items, expected {n}; delete the store to re-extract"
+        )
+    before = attrs.get("compute", Compute().label)
+    if compute is not None and before != compute.label:
+        raise ValueError(
+            f"{writer.path}/{name} was started on {before}, this run computes on {compute.label}; resume with the same "
+            f"extract.device / extract.precision, or delete the store to re-extract"
+        )
     return True
 
 

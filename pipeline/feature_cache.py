@@ -27,7 +27,8 @@ from pipeline.params import ExtractParams, ParamsError, format_validation_error
 logger = logging.getLogger("setemb.stage.extract")
 
 EXTRACT_VERSION = 1  # bump when a code change alters the stored values (invalidates persisted stores)
-_NOT_IN_FINGERPRINT = ("workers",)  # the stored values do not depend on these
+# the stored values do not depend on these; device and precision enter through the resolved `Compute` instead
+_NOT_IN_FINGERPRINT = ("workers", "gpus_per_worker", "device", "precision")
 
 
 @dataclass
@@ -78,10 +79,14 @@ def data_signature(extract: ExtractParams, dataset_json: Path, image_root: Path,
     return sig
 
 
-def fingerprint(extract: ExtractParams, limit: int | None, signature: dict) -> str:
-    """sha256 over the params that shape the stored values, ``--limit``, the data signature and the code version."""
+def fingerprint(extract: ExtractParams, limit: int | None, signature: dict, compute: Any = None) -> str:
+    """sha256 over the params that shape the stored values, ``--limit``, the data signature and the code version,
+    plus the resolved device / autocast (`pipeline.devices.Compute`) when it is not CPU float32."""
     params = {k: v for k, v in extract.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
-    blob = json.dumps({"v": EXTRACT_VERSION, "extract": params, "limit": limit, "data": signature}, sort_keys=True)
+    content = {"v": EXTRACT_VERSION, "extract": params, "limit": limit, "data": signature}
+    if compute is not None and not compute.is_default:
+        content["compute"] = compute.label
+    blob = json.dumps(content, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -200,11 +205,15 @@ def run_extract(
         ParamsError: inconsistent source options (exit 2).
         FileNotFoundError, ValueError, StageError: missing inputs or weights, bad images or captions (exit 1).
     """
-    from pipeline.extraction import WorkerPool, run_extraction
+    from pipeline.devices import resolve_compute
+    from pipeline.extract_workers import WorkerPool
+    from pipeline.extraction import run_extraction
     from setemb.feature_store import FeatureStoreWriter
 
     signature = data_signature(extract, dataset_json, image_root, precomp_root)
-    fp = fingerprint(extract, limit, signature)
+    compute = resolve_compute(extract.device, extract.precision)
+    logger.info("extraction computes on %s", compute.label)
+    fp = fingerprint(extract, limit, signature, compute)
     status = _prepare_store(out, fp)
     summary = ExtractSummary(out, fp, status)
     if status == "complete":
@@ -237,7 +246,7 @@ def run_extract(
             rejected["count"] = sum(len(v) for v in rejected["splits"].values())
             write_json_atomic(rejected_path, rejected, ensure_ascii=False)
 
-    with WorkerPool(extract.workers) as pool:
+    with WorkerPool(extract.workers, compute, extract.gpus_per_worker) as pool:
         for split in extract.splits:
             index, regions = inputs.split(split)
             writer.root.attrs["dataset"] = index.dataset

@@ -76,7 +76,12 @@ class ExtractParams(_Strict):
     dtype: Literal["float16", "float32"] = "float16"
     batch_size: int = Field(32, gt=0)
     items_per_unit: int = Field(256, gt=0)
-    workers: int = Field(0, ge=0, description="parallel extraction tasks; 0 = one per CPU core")
+    workers: int = Field(0, ge=0, description="parallel extraction workers; 0 = one per CPU core (per GPU on cuda)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when CUDA and Ray see GPUs")
+    gpus_per_worker: float = Field(1.0, gt=0, description="GPUs each cuda worker holds (Ray num_gpus)")
+    precision: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="autocast dtype; auto = float16 on cuda, float32 on cpu; float32 forces full precision"
+    )
     on_bad_image: Literal["fail", "skip"] = "fail"
     captions_per_image: int = Field(5, gt=0)
     glove: GloveParams = Field(default_factory=GloveParams)
@@ -88,6 +93,12 @@ class ExtractParams(_Strict):
                 f"extract.image_backbone={self.image_backbone!r} needs extract.source="
                 f"{'precomp' if self.image_backbone == 'precomputed' else 'karpathy'!r}, got {self.source!r}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _float16_needs_cuda(self) -> ExtractParams:
+        if self.precision == "float16" and self.device == "cpu":
+            raise ValueError("extract.precision=float16 needs extract.device cuda or auto; on cpu use bfloat16")
         return self
 
 

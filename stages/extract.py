@@ -25,6 +25,7 @@ def main(
         None, "--split", help="split to extract (repeatable); default extract.splits"
     ),
     workers: int | None = typer.Option(None, "--workers", help="one-thread workers (Ray actors if > 1); 0 = per core"),
+    device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda (default extract.device)"),
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="only the first N images of each split (smoke tests)"
     ),
@@ -47,6 +48,7 @@ def main(
         "source": source,
         "splits": split or None,
         "workers": workers,
+        "device": device,
         "image_weights": weights,
         "text_weights": text_weights,
     }

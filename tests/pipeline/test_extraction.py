@@ -192,3 +192,102 @@ def test_ray_actors_write_the_same_values_as_in_process(tmp_path: Path, train_in
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     assert json.loads(json.dumps(FeatureStore.open(tmp_path / "ray.zarr").attrs))["complete"] is True
+
+
+def test_bfloat16_run_records_its_compute_and_a_float32_resume_is_refused(tmp_path: Path, train_index) -> None:
+    from pipeline.devices import Compute
+
+    sub = subset_index(train_index, range(4))
+    writer = FeatureStoreWriter(tmp_path / "s.zarr")
+    run_extraction(sub, writer, "efficientnet_lite0", "minilm", compute=Compute("cpu", "bfloat16"), **FAST)
+    writer.finalize()
+    split = FeatureStore.open(tmp_path / "s.zarr")["train"]
+    assert split.image.attrs["compute"] == "cpu/bfloat16" and split.text.attrs["compute"] == "cpu/bfloat16"
+    assert np.isfinite(split.image.global_features).all()
+    with pytest.raises(ValueError, match=r"started on cpu/bfloat16, this run computes on cpu/float32"):
+        run_extraction(sub, FeatureStoreWriter(tmp_path / "s.zarr"), "efficientnet_lite0", "minilm", **FAST)
+
+
+def test_float32_store_is_marked_cpu_float32(clean_store: Path) -> None:
+    split = FeatureStore.open(clean_store)["train"]
+    assert split.image.attrs["compute"] == "cpu/float32" == split.text.attrs["compute"]
+
+
+def _close_to(half: np.ndarray, full: np.ndarray, max_rel: float) -> None:
+    half, full = half.astype(np.float32), full.astype(np.float32)
+    rel = np.linalg.norm(half - full, axis=-1) / np.linalg.norm(full, axis=-1)
+    assert rel.max() < max_rel, rel.max()
+
+
+@pytest.fixture(scope="module")
+def bert_reference(tmp_path_factory: pytest.TempPathFactory, train_index) -> tuple[str, Path]:
+    """A tiny random BERT folder and the CPU float32 store of the train split with (efficientnet_lite0, that BERT):
+    the reference of the GPU runs (the GPU image does not carry the MiniLM package)."""
+    from pipeline.random_bert import write_random_bert
+
+    root = tmp_path_factory.mktemp("bert")
+    shape = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128}
+    bert = str(write_random_bert(root / "bert", train_index.captions, **shape))
+    writer = FeatureStoreWriter(root / "cpu.zarr")
+    run_extraction(train_index, writer, "efficientnet_lite0", "bert", text_weights=bert, **FAST)
+    writer.finalize()
+    return bert, root / "cpu.zarr"
+
+
+def _assert_matches_reference(path: Path, reference: Path) -> None:
+    a, b = store_arrays(reference), store_arrays(path)
+    assert a.keys() == b.keys()
+    for key in ("train/image/ids", "train/text/ids", "train/image/lengths", "train/text/lengths"):
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    _close_to(b["train/image/global"], a["train/image/global"], 0.02)
+    _close_to(b["train/text/global"], a["train/text/global"], 0.01)
+    assert FeatureStore.open(path)["train"].image.attrs["compute"] == "cuda/float16"
+
+
+@pytest.mark.gpu
+def test_cuda_in_process_extraction_end_to_end(tmp_path: Path, train_index, bert_reference) -> None:
+    from pipeline.devices import resolve_compute
+
+    bert, reference = bert_reference
+    compute = resolve_compute("cuda")
+    assert compute.label == "cuda/float16"
+    writer = FeatureStoreWriter(tmp_path / "cuda.zarr")
+    run_extraction(train_index, writer, "efficientnet_lite0", "bert", text_weights=bert, compute=compute, **FAST)
+    writer.finalize()
+    _assert_matches_reference(tmp_path / "cuda.zarr", reference)
+
+
+@pytest.mark.gpu
+@pytest.mark.ray
+def test_cuda_ray_actors_hold_gpus_and_write_the_store(tmp_path: Path, train_index, bert_reference) -> None:
+    pytest.importorskip("ray", reason="the GPU image may lack Ray (its wheel is over the carry limit)")
+    from pipeline.devices import Compute
+
+    bert, reference = bert_reference
+    writer = FeatureStoreWriter(tmp_path / "ray.zarr")
+    # two actors sharing the one GPU a test machine has (num_gpus=0.5 each)
+    with WorkerPool(2, Compute("cuda", "float16"), gpus_per_worker=0.5) as pool:
+        run_extraction(train_index, writer, "efficientnet_lite0", "bert", text_weights=bert, pool=pool,
+                       **{**FAST, "workers": 2})  # fmt: skip
+        assert len(pool._actors) == 2
+    writer.finalize()
+    _assert_matches_reference(tmp_path / "ray.zarr", reference)
+
+
+@pytest.mark.ray
+@pytest.mark.slow  # ~10 s: a local Ray cluster that declares one (fake) GPU
+def test_cuda_pool_refuses_more_gpus_than_the_cluster_has(train_index) -> None:
+    import ray
+
+    from pipeline.cli import StageError
+    from pipeline.devices import Compute
+
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        pool = WorkerPool(2, Compute("cuda", "float16"), gpus_per_worker=1.0)
+        assert pool.decode_threads >= 2  # CUDA workers get the cores for decoding
+        with pytest.raises(StageError, match=r"need 2 GPUs, the Ray cluster has 1; lower extract.workers"):
+            pool._ray()
+        assert WorkerPool(0, Compute("cuda", "float16"), gpus_per_worker=0.5).workers == 2  # 1 GPU / 0.5
+    finally:
+        ray.shutdown()

@@ -81,6 +81,23 @@ def test_unknown_backbone_is_a_usage_error(tmp_path: Path, shapes: Path) -> None
     assert not (tmp_path / "f.zarr").exists()
 
 
+def test_device_cuda_without_cuda_exit_1_and_compute_enters_the_fingerprint(tmp_path: Path, shapes: Path) -> None:
+    from pipeline.devices import Compute
+    from pipeline.params import ExtractParams
+    from pipeline.feature_cache import fingerprint
+
+    if not __import__("torch").cuda.is_available():
+        result = cli(tmp_path, shapes, "--device", "cuda")
+        assert result.exit_code == 1 and "extract.device is cuda but" in error_line(result)
+        assert not (tmp_path / "f.zarr").exists()
+    extract = ExtractParams()
+    base = fingerprint(extract, None, {})
+    assert fingerprint(extract, None, {}, Compute()) == base  # CPU float32 stores keep their fingerprint
+    assert fingerprint(ExtractParams(device="cpu", workers=3), None, {}, Compute()) == base
+    assert len({base, fingerprint(extract, None, {}, Compute("cuda", "float16")),
+                fingerprint(extract, None, {}, Compute("cpu", "bfloat16"))}) == 3  # fmt: skip
+
+
 def test_missing_weights_exit_1(tmp_path: Path, shapes: Path) -> None:
     result = cli(tmp_path, shapes, "--backbone", "resnet152", "--weights", str(tmp_path / "nope.pth"))
     assert result.exit_code == 1 and "resnet152 weights not found" in error_line(result)
