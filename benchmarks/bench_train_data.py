@@ -7,14 +7,14 @@ image, 8-20 tokens), about 17 GB on disk at ``--scale 1`` — then runs a Ray Tr
 
 * builds the training model (region encoder + bi-GRU + DivE slot heads, ``train.model`` of params.yaml otherwise)
   and records its resident memory (the idle worker);
-* ``stream``: trains ``--steps`` DDP steps on batches streamed from the store exactly as ``stages.train`` reads them
-  (``pipeline.ray_train.streaming_tables`` + ``epoch_batches``: block-shuffled order, block cache, read-ahead),
-  sampling the worker's RSS every 20 ms;
 * ``bare``: trains ``--steps`` steps on one in-memory batch of random tensors of the same shapes (the floor: no data
-  path at all).
+  path at all);
+* ``stream``: trains ``--steps`` DDP steps on batches streamed from the store exactly as ``stages.train`` reads them
+  (``pipeline.train_data.streaming_tables`` + ``epoch_batches``: block-shuffled order, block cache, read-ahead);
 
-Prints per worker: peak RSS above the idle worker while streaming, batches/s of both paths and their ratio
-(stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read. With ``--ray-data N``
+sampling the worker's RSS every 20 ms in both. Prints per worker: peak RSS above the idle worker in each phase (the
+model step's own activations and optimizer state are in both; the difference is the data path), batches/s of both
+paths and their ratio (stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read. With ``--ray-data N``
 it also reads N images without a model, once through ``epoch_batches`` and once through Ray Data (``map_batches``
 over the same blocks + ``iter_torch_batches`` with a one-window shuffle buffer), and prints both rates. The store is
 reused by later runs with the same ``--scale`` and ``--seed``.
@@ -135,40 +135,44 @@ def worker_loop(config: dict) -> None:
 
     steps, warmup = config["steps"], config["warmup"]
     idle = _rss()
-    peak = _PeakRss()
-    image, text, bounds = streaming_tables(split, train.data, train.images_per_batch * world, CPI)
-    sampler = ImageCaptionBatches(
-        len(image), train.images_per_batch, seed=0, epoch=0, rank=rank, world_size=world, drop_last=False,
-        bounds=bounds, window_blocks=train.data.window_blocks,
-    )  # fmt: skip
-    batches = epoch_batches(
-        image, text, CaptionIndex(split.caption_to_image, len(image)), sampler, steps + warmup,
-        train.data.prefetch_batches,
-    )  # fmt: skip
-    first = None
-    for i, batch in enumerate(batches):
-        if i == warmup:
-            start = time.perf_counter()
-        first = first or batch
-        step(*batch)
-    stream_s = time.perf_counter() - start
-    stream_peak = peak.stop()
+    image, text, bounds = streaming_tables(split, train.data, train.images_per_batch, CPI)
+    captions = CaptionIndex(split.caption_to_image, len(image))
 
-    # the floor: the same shapes, random tensors already in memory
+    def batches(epoch: int, n: int):
+        sampler = ImageCaptionBatches(
+            len(image), train.images_per_batch, seed=0, epoch=epoch, rank=rank, world_size=world, drop_last=False,
+            bounds=bounds, window_blocks=train.data.window_blocks,
+        )  # fmt: skip
+        return epoch_batches(image, text, captions, sampler, n, train.data.prefetch_batches)
+
+    # the floor first (so its memory is not inflated by the streaming phase): the shapes of a real batch, random
+    # tensors already in memory, the same model step
+    images_b, texts_b, c2i = next(iter(batches(1, 1)))
     gen = torch.Generator().manual_seed(rank)
-    images_b, texts_b, c2i = first
     bare_img = {k: None if v is None else _random_like(v, gen) for k, v in images_b.items()}
     bare_txt = {k: None if v is None else _random_like(v, gen) for k, v in texts_b.items()}
+    peak = _PeakRss()
     for _ in range(warmup):
         step(bare_img, bare_txt, c2i)
     start = time.perf_counter()
     for _ in range(steps):
         step(bare_img, bare_txt, c2i)
     bare_s = time.perf_counter() - start
+    bare_peak = peak.stop()
+
+    peak = _PeakRss()
+    image.blocks_read = text.blocks_read = 0
+    for i, batch in enumerate(batches(0, steps + warmup)):
+        if i == warmup:
+            start = time.perf_counter()
+        step(*batch)
+    stream_s = time.perf_counter() - start
+    stream_peak = peak.stop()
     row = {
         "rank": rank,
         "idle_rss_gb": idle / 1e9,
         "stream_peak_above_idle_gb": (stream_peak - idle) / 1e9,
+        "bare_peak_above_idle_gb": (bare_peak - idle) / 1e9,
         "stream_batches_per_s": steps / stream_s,
         "bare_batches_per_s": steps / bare_s,
         "image_blocks_read": image.blocks_read,
@@ -304,10 +308,14 @@ def main(argv: list[str] | None = None) -> None:
         f"window_blocks={train.data.window_blocks} prefetch={train.data.prefetch_batches}; P={train.images_per_batch}, "
         f"{args.workers} workers ({'GPU' if args.use_gpu else 'CPU'}), {args.steps} timed steps, {blocks} blocks"
     )
-    print("rank  idle RSS GB  stream peak above idle GB  stream batch/s  bare batch/s  stream/bare  blocks read")
+    print(
+        "rank  idle RSS GB  peak above idle GB: bare step / streaming  stream batch/s  bare batch/s  stream/bare"
+        "  blocks read"
+    )
     for r in rows:
         print(
-            f"{r['rank']:>4}  {r['idle_rss_gb']:>11.2f}  {r['stream_peak_above_idle_gb']:>25.2f}  "
+            f"{r['rank']:>4}  {r['idle_rss_gb']:>11.2f}  "
+            f"{r['bare_peak_above_idle_gb']:>28.2f} / {r['stream_peak_above_idle_gb']:>9.2f}  "
             f"{r['stream_batches_per_s']:>14.3f}  {r['bare_batches_per_s']:>12.3f}  "
             f"{r['stream_batches_per_s'] / r['bare_batches_per_s']:>11.2f}  {r['image_blocks_read']:>11}"
         )

@@ -262,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     store = FeatureStore.open(config["features"])
     train_split = store["train"]
     image_table, text_table, bounds = streaming_tables(
-        train_split, train.data, train.images_per_batch * world_size, int(config["captions_per_image"])
+        train_split, train.data, train.images_per_batch, int(config["captions_per_image"])
     )
     caption_index = CaptionIndex(train_split.caption_to_image, len(image_table))
     val = sequential_tables(store["val"], train.eval_block_size) if rank == 0 and "val" in store.splits else None

@@ -32,21 +32,24 @@ def feature_table(features: ModalityFeatures) -> FeatureTable:
 
 
 def streaming_tables(
-    split: SplitFeatures, data: TrainDataParams, images_per_step: int, captions_per_image: int
+    split: SplitFeatures, data: TrainDataParams, images_per_batch: int, captions_per_image: int
 ) -> tuple[StreamingTable, StreamingTable, np.ndarray | None]:
     """Image and text tables of a split that read the store block by block (never the whole split), and the image
     block bounds the sampler orders by (None for ``shuffle: full``, a uniform permutation read item by item).
 
-    The caches hold what one step of all ranks (``images_per_step`` = P x world size) can touch: two shuffle windows
-    plus the windows one step spans, so every block is read about once per epoch and memory is bounded by the cache.
+    The caches hold what one batch of this rank can touch: the blocks of the (at most ``1 + ceil(P / window)``)
+    windows it spans, so every block is read once per epoch by each rank that meets it, and memory is bounded by
+    the cache. (The reads run in one thread, the prefetcher, so read-ahead needs no more room.)
     """
     if data.shuffle == "full":
-        block, cache = 1, 2 * images_per_step
+        block, cache = 1, images_per_batch
     else:
         block = data.block_images
-        cache = data.window_blocks * (2 + math.ceil(images_per_step / (block * data.window_blocks)))
+        cache = data.window_blocks * (1 + math.ceil(images_per_batch / (block * data.window_blocks)))
     image = StreamingTable.from_features(split.image, block, cache)
-    text = StreamingTable.from_features(split.text, block * captions_per_image, cache + 2)
+    text = StreamingTable.from_features(split.text, block * captions_per_image, 1)
+    # caption blocks follow the text store's own units, so a window's captions may span more blocks than its images
+    text.cache_blocks = math.ceil(cache * (len(text.bounds) - 1) / (len(image.bounds) - 1)) + 2
     c2i = split.caption_to_image
     if len(c2i) > 1 and (np.diff(c2i) < 0).any():
         logger.warning("captions are not stored image-major: streaming reads of their blocks will repeat")
