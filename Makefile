@@ -18,6 +18,9 @@ export PYTHONHASHSEED := 0
 # dvc.yaml commands call `python`: the venv must come first on PATH.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
+# `dvc plots show` fills this page template (.dvc/config plots.html_template): vega inlined, nothing fetched.
+PLOTS_TEMPLATE := .dvc/offline_plots.html
+
 .PHONY: setup browser demo test test-all lint bench
 
 $(VENV)/.installed: pyproject.toml
@@ -25,7 +28,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[pipeline,dev]'
 	touch $@
 
-setup: $(VENV)/.installed
+$(PLOTS_TEMPLATE): $(VENV)/.installed pipeline/plots.py
+	$(PY) -m pipeline.plots --out $@
+
+setup: $(VENV)/.installed $(PLOTS_TEMPLATE)
 
 # The HTML gallery test renders in a real headless browser: Debian's chromium (no browser download at run time).
 browser:

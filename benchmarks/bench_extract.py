@@ -24,11 +24,12 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch  # noqa: E402
 
-from pipeline.backbones import create_text_backbone, create_visual_backbone, decode_image  # noqa: E402
 from pipeline.extraction import run_extraction, subset_index  # noqa: E402
+from pipeline.image_backbones import create_visual_backbone, decode_image  # noqa: E402
 from pipeline.shapes import SHAPES_PROFILES, generate_shapes  # noqa: E402
+from pipeline.text_backbones import create_text_backbone  # noqa: E402
 from setemb.data import read_karpathy  # noqa: E402
-from setemb.store import FeatureStoreWriter  # noqa: E402
+from setemb.feature_store import FeatureStoreWriter  # noqa: E402
 
 
 def forward_only(model, images: torch.Tensor, batch_size: int) -> float:

@@ -19,7 +19,7 @@ Measured in ONE process (``ru_maxrss`` is the process peak):
 * resident memory after each phase;
 * a sweep of ``candidates_per_element`` (and ``nprobe`` / ``ef_search``): recall@10 and batched ms/query.
 
-Compressed kinds (``--compressed ivf_sq8,ivf_pq``, `setemb.compressed_index.CompressedSetIndex`): the database is
+Compressed kinds (``--compressed ivf_sq8,ivf_pq``, `setemb.index.compressed.CompressedSetIndex`): the database is
 also written as a float16 Zarr array (``--store``, ``--store-chunk`` rows per chunk, uncompressed), each kind keeps
 only its element codes resident, pre-ranks candidates by a proxy score and re-ranks the top ``--rerank`` exactly
 from the store through a ``--cache-mb`` LRU cache. A trade-off table (memory, recall@10, latency, build) compares
@@ -44,8 +44,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and faiss ship sepa
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from setemb.compressed_index import CompressedSetIndex  # noqa: E402
 from setemb.index import SetIndex, default_index_params  # noqa: E402
+from setemb.index.compressed import CompressedSetIndex  # noqa: E402
 from setemb.similarity import score  # noqa: E402
 
 
@@ -250,7 +250,7 @@ def _bench_compressed(args, kind: str, params: dict, database, queries, sample, 
     resident = (memory["codes"] + memory["ids"] + memory["coarse"] + index.cache.nbytes) / 1e9
     detail = (f"codes {memory['codes'] / 1e9:.2f} + ids {memory['ids'] / 1e9:.2f} + coarse "
               f"{memory['coarse'] / 1e6:.0f} MB + cache {index.cache.nbytes / 1e6:.0f} MB "
-              f"(bound {args.cache_mb} MB)")  # fmt: skip
+              f"(bound {args.cache_mb} MiB)")  # fmt: skip
     print(f"\n{kind}: nlist {nlist}, nprobe {nprobe}, C {args.candidates}, rerank {args.rerank}"
           f"{f', pq_m {args.pq_m}' if kind == 'ivf_pq' else ''}: build {t_train:.1f} s + {t_add:.1f} s; {detail}; "
           f"recall@10 {recall:.4f}; p50 / p99 {p50:.2f} / {p99:.2f} ms; batched {batched:.2f} ms/query; "

@@ -3,7 +3,7 @@
 One split is extracted by `run_extraction`: the image side (decoded images through a visual backbone, or precomputed
 region rows copied from a memmapped/HDF5 array, global = max pool, M§2), then the text side (captions through MiniLM /
 BERT, or GloVe token ids). Each side is cut into work units of ``items_per_unit`` items; a unit is computed and
-written whole (``setemb.store`` marks it done last), so a killed run redoes only the units not marked done.
+written whole (``setemb.feature_store`` marks it done last), so a killed run redoes only the units not marked done.
 
 Parallelism: ``workers == 1`` runs in-process (no Ray). ``workers > 1`` spreads units over that many Ray actors, each
 loading its backbone once and running torch with one thread (PLATFORM §9: two one-thread processes beat one
@@ -32,16 +32,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from pipeline.backbones import (
-    BadImageError,
-    PrecomputedRegions,
-    create_text_backbone,
-    create_visual_backbone,
-    decode_image,
-)
 from pipeline.cli import StageError
+from pipeline.image_backbones import BadImageError, PrecomputedRegions, create_visual_backbone, decode_image
+from pipeline.text_backbones import create_text_backbone
 from setemb.data import SplitIndex, missing_images
-from setemb.store import FeatureStoreWriter, ModalityWriter
+from setemb.feature_store import FeatureStoreWriter, ModalityWriter
 
 logger = logging.getLogger(__name__)
 

@@ -109,7 +109,7 @@ class ModelParams(_Strict):
 class LossParams(_Strict):
     """Keyword arguments of ``setemb.losses.create_loss`` (``name`` picks the loss)."""
 
-    name: Literal["triplet", "pcme"] = "triplet"
+    name: Literal["triplet", "pcme", "pcmepp"] = "triplet"
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -133,8 +133,20 @@ class RayParams(_Strict):
     address: str | None = None
 
 
+class TrainDataParams(_Strict):
+    """How training reads the feature store (setemb/streaming.py): never a whole split in memory."""
+
+    shuffle: Literal["blocks", "full"] = Field(
+        "blocks", description="blocks: shuffled blocks + a shuffle window; full: a uniform permutation (item reads)"
+    )
+    block_images: int = Field(64, gt=0, description="images per contiguous store read (captions: times cpi)")
+    window_blocks: int = Field(16, gt=0, description="blocks shuffled together: the shuffle buffer")
+    prefetch_batches: int = Field(2, ge=0, description="batches read ahead in a background thread (0 = inline)")
+
+
 class TrainParams(_Strict):
     images_per_batch: int = Field(128, gt=1)
+    data: TrainDataParams = Field(default_factory=TrainDataParams)
     model: ModelParams = Field(default_factory=ModelParams)
     loss: LossParams = Field(default_factory=LossParams)
     optim: OptimParams = Field(default_factory=OptimParams)

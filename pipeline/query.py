@@ -35,7 +35,7 @@ def model_digest(model_dir: str | os.PathLike) -> str:
     Raises:
         FileNotFoundError: a model file is missing (one line, with the `dvc repro train` hint).
     """
-    from pipeline.ray_train import CONFIG_FILE, LOSS_FILE, MODEL_FILE
+    from pipeline.checkpoints import CONFIG_FILE, LOSS_FILE, MODEL_FILE
 
     model_dir = Path(model_dir)
     digest = hashlib.sha256()
@@ -50,7 +50,7 @@ def model_digest(model_dir: str | os.PathLike) -> str:
 
 def read_model_config(model_dir: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of an exported model (no weights loaded); FileNotFoundError with a hint when absent."""
-    from pipeline.ray_train import CONFIG_FILE
+    from pipeline.checkpoints import CONFIG_FILE
 
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
@@ -78,7 +78,7 @@ class QueryEncoder:
     """
 
     def __init__(self, model_dir: str | os.PathLike, params: Params, device: str | torch.device | None = None) -> None:
-        from pipeline.ray_train import load_model
+        from pipeline.checkpoints import load_model
 
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, _, self.config = load_model(model_dir, self.device)
@@ -104,7 +104,7 @@ class QueryEncoder:
     def text_backbone(self) -> Any:
         """The frozen text backbone (built on first use)."""
         if self._text is None:
-            from pipeline.backbones import create_text_backbone
+            from pipeline.text_backbones import create_text_backbone
 
             name = self.extract.text_backbone
             summary = self._trained_backbone("text", name)
@@ -123,7 +123,7 @@ class QueryEncoder:
     def visual_backbone(self) -> Any:
         """The frozen visual backbone (built on first use); ValueError for precomputed region features."""
         if self._visual is None:
-            from pipeline.backbones import create_visual_backbone
+            from pipeline.image_backbones import create_visual_backbone
 
             name = self.extract.image_backbone
             if name == "precomputed":
@@ -180,7 +180,7 @@ class QueryEncoder:
         """
         from PIL import Image
 
-        from pipeline.backbones import decode_image
+        from pipeline.image_backbones import decode_image
 
         if not paths:
             raise ValueError("paths must name at least one image")

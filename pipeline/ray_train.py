@@ -3,16 +3,8 @@
 ``run_training`` starts (or attaches to) Ray and runs a ``TorchTrainer`` whose workers each open the feature store
 themselves, train with DDP over gloo (CPU) or NCCL (GPU), and report once per epoch. Rank 0 validates on ``val``,
 writes the checkpoint (model, loss, optimizer, scheduler, grad scaler, epoch, best RSUM, history, resolved config),
-logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray.
-
-Checkpoint / export directory layout (``load_model`` reads either)::
-
-    model.pt        state dict of the unwrapped SetEmbeddingModel
-    loss.pt         state dict of the loss module (PCME's learnt scale / shift)
-    config.json     {"model": create_model kwargs (feature dims resolved), "loss": {"name", "kwargs"},
-                     "similarity": {"name", "kwargs"}, "train": TrainParams JSON, "seed", "captions_per_image",
-                     "epoch", "val_rsum", "features": {"image": {...}, "text": {...}}}
-    optimizer.pt, scheduler.pt, scaler.pt, state.json   (checkpoints only: what resuming needs)
+logs to dvclive, and exports the best model to a plain directory that ``load_model`` rebuilds without Ray (the files
+of checkpoints and exports: ``pipeline.checkpoints``).
 
 Test hook: when the environment variable ``SETEMB_TEST_FAIL_AT="epoch:step:rank"`` is set, the worker of that rank
 calls ``os._exit(1)`` just before training step ``step`` (0-based, as in the non-finite loss message) of epoch
@@ -32,23 +24,24 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.files import GLOVE_VECTORS, replace_dir, write_json_atomic
+from pipeline.checkpoints import STATE_FILE, export_model, load_checkpoint, save_checkpoint, write_json
+from pipeline.files import GLOVE_VECTORS, replace_dir
 from pipeline.params import Params, TrainParams
+from pipeline.train_console import DriverConsole, Progress, epoch_summary
+from pipeline.train_data import epoch_batches, sequential_tables, streaming_tables
+from setemb.feature_store import FeatureStore
+from setemb.locations import exists, is_url, join, remove_tree, resolve
 from setemb.losses import create_loss
 from setemb.model import create_model, param_groups
-from setemb.store import FeatureStore, ModalityFeatures
 from setemb.training import (
     CaptionIndex,
-    FeatureTable,
     ImageCaptionBatches,
-    make_batch,
     train_one_epoch,
     validate,
     warmup_cosine_schedule,
@@ -56,8 +49,6 @@ from setemb.training import (
 
 logger = logging.getLogger(__name__)
 
-MODEL_FILE, LOSS_FILE, CONFIG_FILE = "model.pt", "loss.pt", "config.json"
-STATE_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SCALER_FILE = "state.json", "optimizer.pt", "scheduler.pt", "scaler.pt"
 HISTORY_FILE = "history.json"
 SCORE_METRIC = "val_rsum"
 LOG_EVERY = 20
@@ -71,29 +62,21 @@ class TrainResult:
 
     Attributes:
         best_model: plain export directory of the best model (``load_model`` reads it).
-        best_checkpoint: Ray checkpoint directory of the best epoch (None in local mode: Ray does not persist them).
+        best_checkpoint: Ray checkpoint directory of the best epoch (a URL with remote storage; None in local mode:
+            Ray does not persist them).
         best_rsum: best validation RSUM, None without a ``val`` split (then the best model is the last one).
         metrics: the last epoch's reported metrics.
         history: every epoch's metrics, in order (resumed runs included).
     """
 
     best_model: Path
-    best_checkpoint: Path | None
+    best_checkpoint: Path | str | None
     best_rsum: float | None
     metrics: dict[str, Any]
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------ features / model
-def feature_table(features: ModalityFeatures) -> FeatureTable:
-    """A ``FeatureTable`` from an in-memory ``ModalityFeatures`` (``load_to_memory()``)."""
-    if not features.in_memory:
-        features = features.load_to_memory()
-    # ModalityFeatures exposes no public accessor for the compacted local rows; read its in-memory array.
-    local = features._arrays["local"]
-    return FeatureTable(local, features.starts, features.lengths, features.global_features)
-
-
 def resolve_model_kwargs(
     model: dict[str, Any], image_attrs: dict[str, Any], text_attrs: dict[str, Any]
 ) -> dict[str, Any]:
@@ -162,93 +145,10 @@ def build_loss(train: TrainParams) -> torch.nn.Module:
     return create_loss(train.loss.name, **train.loss.kwargs)
 
 
-# ---------------------------------------------------------------------------------------------- export / reload
-def _write_json(path: Path, value: Any) -> None:
-    write_json_atomic(path, value, indent=2, sort_keys=True, default=float)
-
-
-def export_model(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Copy the model of a checkpoint (``model.pt``, ``loss.pt``, ``config.json``) to a plain directory.
-
-    Returns:
-        ``out_dir``; ``load_model(out_dir)`` rebuilds the model without Ray.
-    """
-    src, out = Path(checkpoint_dir), Path(out_dir)
-    missing = [f for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE) if not (src / f).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{src} is not a setemb checkpoint: missing {missing}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
-        shutil.copy2(src / f, staging / f)
-    replace_dir(staging, out)
-    return out
-
-
-def _load_strict(module: torch.nn.Module, state: dict[str, Any], what: str, where: Path) -> None:
-    """``load_state_dict(strict=True)`` with missing / unexpected keys and shape mismatches spelled out."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"{where} does not match the {what} rebuilt from its config.json:\n"
-            f"  missing keys: {missing}\n  unexpected keys: {unexpected}\n  shape mismatches: {shapes}"
-        )
-    module.load_state_dict(state, strict=True)
-
-
-def load_model(
-    model_dir: str | os.PathLike, device: torch.device | str = "cpu"
-) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """Rebuild ``(model, loss_fn, config)`` from an export (or a checkpoint) directory, strictly; eval mode.
-
-    Raises:
-        FileNotFoundError: a file is missing. ValueError: the weights do not fit the config (keys listed).
-    """
-    model_dir = Path(model_dir)
-    for f in (MODEL_FILE, LOSS_FILE, CONFIG_FILE):
-        if not (model_dir / f).is_file():
-            raise FileNotFoundError(f"no {f} in {model_dir}; train first (`dvc repro train`) or pass a model directory")
-    config = json.loads((model_dir / CONFIG_FILE).read_text())
-    model = create_model(**config["model"])
-    loss_fn = create_loss(config["loss"]["name"], **config["loss"]["kwargs"])
-    _load_strict(model, torch.load(model_dir / MODEL_FILE, map_location="cpu", weights_only=True), "model", model_dir)
-    _load_strict(loss_fn, torch.load(model_dir / LOSS_FILE, map_location="cpu", weights_only=True), "loss", model_dir)
-    return model.to(device).eval(), loss_fn.to(device).eval(), config
-
-
 # ------------------------------------------------------------------------------------------------ worker helpers
 def _epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """Torch RNG seed of one (epoch, rank): token drop and dropout replay exactly after a resume."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def _save_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler, config, state) -> None:
-    torch.save(model.state_dict(), directory / MODEL_FILE)
-    torch.save(loss_fn.state_dict(), directory / LOSS_FILE)
-    torch.save(optimizer.state_dict(), directory / OPTIMIZER_FILE)
-    torch.save(scheduler.state_dict(), directory / SCHEDULER_FILE)
-    torch.save(scaler.state_dict(), directory / SCALER_FILE)
-    _write_json(directory / CONFIG_FILE, config)
-    _write_json(directory / STATE_FILE, state)
-
-
-def _load_checkpoint(directory: Path, *, model, loss_fn, optimizer, scheduler, scaler) -> dict[str, Any]:
-    def load(name: str) -> Any:
-        return torch.load(directory / name, map_location="cpu", weights_only=True)
-
-    _load_strict(model, load(MODEL_FILE), "model", directory)
-    _load_strict(loss_fn, load(LOSS_FILE), "loss", directory)
-    optimizer.load_state_dict(load(OPTIMIZER_FILE))
-    scheduler.load_state_dict(load(SCHEDULER_FILE))
-    scaler.load_state_dict(load(SCALER_FILE))
-    return json.loads((directory / STATE_FILE).read_text())
 
 
 def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
@@ -269,26 +169,6 @@ def _loss_grad_sync(params: list[torch.nn.Parameter], world_size: int):
             offset += n
 
     return sync
-
-
-class _Progress:
-    """tqdm bar of one epoch on stderr (rank 0, TTY only), fed by ``train_one_epoch``'s progress callback."""
-
-    def __init__(self, total: int, epoch: int, enabled: bool) -> None:
-        self.bar = None
-        if enabled:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=f"Train Epoch {epoch}", file=sys.stderr, leave=False)
-
-    def __call__(self, steps: int, means: dict[str, float]) -> None:
-        if self.bar is not None:
-            self.bar.update(steps - self.bar.n)
-            self.bar.set_postfix(loss=f"{means['loss']:.4f}")
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _open_live(directory: str | None, resume: bool):
@@ -332,12 +212,6 @@ def _test_fail_at(batches, epoch: int, rank: int, run_dir: Path):
 
 
 # ------------------------------------------------------------------------------------------------ the worker loop
-def _split_tables(store: FeatureStore, split: str) -> tuple[FeatureTable, FeatureTable, np.ndarray, Any]:
-    """(image table, text table, caption_to_image, in-memory SplitFeatures) of one split, read into RAM."""
-    features = store[split].load_to_memory()
-    return feature_table(features.image), feature_table(features.text), features.caption_to_image, features
-
-
 def _optimization(
     model: torch.nn.Module, loss_fn: torch.nn.Module, train: TrainParams, steps_per_epoch: int, device: torch.device
 ):
@@ -384,11 +258,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
 
-    # every worker reads the store itself: nothing big travels through the driver
+    # every worker streams the store itself: nothing big travels through the driver or sits in memory
     store = FeatureStore.open(config["features"])
-    image_table, text_table, caption_to_image, train_split = _split_tables(store, "train")
-    caption_index = CaptionIndex(caption_to_image, len(image_table))
-    val = _split_tables(store, "val")[:3] if rank == 0 and "val" in store.splits else None
+    train_split = store["train"]
+    image_table, text_table, bounds = streaming_tables(
+        train_split, train.data, train.images_per_batch * world_size, int(config["captions_per_image"])
+    )
+    caption_index = CaptionIndex(train_split.caption_to_image, len(image_table))
+    val = sequential_tables(store["val"], train.eval_block_size) if rank == 0 and "val" in store.splits else None
 
     torch.manual_seed(seed)
     image_attrs, text_attrs = train_split.image.attrs, train_split.text.attrs
@@ -420,6 +297,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             rank=rank,
             world_size=world_size,
             drop_last=False,
+            bounds=bounds,
+            window_blocks=train.data.window_blocks,
         )
 
     steps_per_epoch = min(len(sampler(0)), train.limit_batches or len(sampler(0)))
@@ -430,9 +309,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # Ray's restart after a failure, or a resumed run (same name and storage)
         with checkpoint.as_directory() as d:
-            state = _load_checkpoint(Path(d), **objects)
+            state = load_checkpoint(Path(d), **objects)
     elif config.get("resume_from"):
-        state = _load_checkpoint(Path(config["resume_from"]), **objects)
+        state = load_checkpoint(Path(config["resume_from"]), **objects)
     start_epoch = int(state["epoch"]) + 1
     if rank == 0 and start_epoch > 0:
         logger.info("resuming at epoch %d (best val RSUM so far %s)", start_epoch, state["best_rsum"])
@@ -441,19 +320,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     after_backward = _loss_grad_sync(loss_params, world_size)
     stop = optim.epochs if config.get("stop_after_epochs") is None else min(optim.epochs, config["stop_after_epochs"])
     live = _open_live(config.get("dvclive_dir"), resume=start_epoch > 0) if rank == 0 else None
+    channel = config.get("console") if rank == 0 else None
     show_bar = rank == 0 and not config.get("quiet") and sys.stderr.isatty()
-    run_dir = Path(config["run_dir"])
+    run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
 
     for epoch in range(start_epoch, stop):
         if optim.no_mining_epochs > 0:
             loss_fn.set_hardest_negatives(epoch >= optim.no_mining_epochs)
         torch.manual_seed(_epoch_seed(seed, epoch, rank))  # token drop / dropout replay exactly after a resume
-        batches = (
-            make_batch(image_table, text_table, caption_index, images)
-            for images in islice(sampler(epoch), steps_per_epoch)
+        batches = epoch_batches(
+            image_table, text_table, caption_index, sampler(epoch), steps_per_epoch, train.data.prefetch_batches
         )
-        batches = _test_fail_at(batches, epoch, rank, run_dir)
-        progress = _Progress(steps_per_epoch, epoch, show_bar)
+        if run_dir is not None:
+            batches = _test_fail_at(batches, epoch, rank, run_dir)
+        progress = Progress(steps_per_epoch, epoch, show_bar, channel)
         start = time.perf_counter()
         try:
             losses = train_one_epoch(
@@ -500,12 +380,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = {**state, "epoch": epoch, "history": [*state["history"], metrics]}
         similarity = {"name": loss_fn.similarity_name, "kwargs": loss_fn.similarity_kwargs()}
         ckpt_config = {**saved_config, "similarity": similarity, "epoch": epoch, "val_rsum": metrics.get("val_rsum")}
-        logger.info("epoch %d: %s", epoch, {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)})
+        if channel is not None:
+            channel.put_nowait({"summary": metrics})
+        else:  # in the driver's process (local mode): the summary line is ours to write
+            logger.info("%s", epoch_summary(metrics, optim.epochs))
         _log_live(live, epoch, metrics)
-        _write_json(run_dir / HISTORY_FILE, state["history"])
+        if run_dir is not None:
+            write_json(run_dir / HISTORY_FILE, state["history"])
         with tempfile.TemporaryDirectory(prefix="setemb-ckpt-") as tmp:
-            _save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
-            if improved:
+            save_checkpoint(Path(tmp), config=ckpt_config, state=state, **objects)
+            if improved and config.get("best_model_dir"):
                 export_model(tmp, config["best_model_dir"])
             if config.get("local_state_dir"):  # local mode: Ray keeps no checkpoint, keep our own for resuming
                 staging = Path(tempfile.mkdtemp(prefix=".local_state.", dir=run_dir))
@@ -517,8 +401,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ driver
-def _init_ray(address: str | None, quiet: bool) -> bool:
-    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; True when this call started it."""
+def _init_ray(address: str | None, verbose: bool) -> bool:
+    """Attach to ``address`` (or ``RAY_ADDRESS``), or start a local Ray; True when this call started it.
+
+    Worker logs reach the driver only when ``verbose`` (``--debug``): Ray Train writes several lines per worker per
+    epoch ("Reporting training result ..."); the console shows ``DriverConsole``'s bar and summaries instead.
+    """
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -526,7 +414,7 @@ def _init_ray(address: str | None, quiet: bool) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=not quiet, logging_level=logging.ERROR)
+        ray.init(address=address, log_to_driver=verbose, logging_level=logging.ERROR)
         return False
     # The dashboard (loopback only) hosts the state API that Ray Train's controller polls; without it the
     # driver log fills with "Failed to query Ray Train Controller actor state" (PLATFORM §5).
@@ -534,7 +422,7 @@ def _init_ray(address: str | None, quiet: bool) -> bool:
         num_cpus=os.cpu_count(),
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        log_to_driver=not quiet,
+        log_to_driver=verbose,
         logging_level=logging.ERROR,
     )
     return True
@@ -549,6 +437,7 @@ def run_training(
     resume: bool = False,
     address: str | None = None,
     quiet: bool = False,
+    verbose: bool = False,
     model_dir: str | os.PathLike | None = None,
     dvclive_dir: str | os.PathLike | None = None,
     stop_after_epochs: int | None = None,
@@ -557,13 +446,17 @@ def run_training(
 
     Args:
         params: the validated params (``train``, ``seed`` and ``extract.captions_per_image`` are read).
-        features: the feature store (``train`` split required, ``val`` used for model selection when present).
-        storage_path: Ray's storage; checkpoints go to ``<storage_path>/<run_name>/checkpoint_*``.
+        features: the feature store (``train`` split required, ``val`` used for model selection when present): a local
+            path or an fsspec URL every node can read (``s3://bucket/features.zarr``; ``setemb.locations``).
+        storage_path: Ray's storage, a local path or a URL; checkpoints go to
+            ``<storage_path>/<run_name>/checkpoint_*``. With a URL the driver reads the history from the latest
+            checkpoint and exports the best one itself, so no node needs another's filesystem.
         run_name: Ray run name. Without ``resume`` an existing ``<storage_path>/<run_name>`` is deleted first
             (Ray would otherwise silently resume it).
         resume: continue from the run's latest checkpoint (Ray's snapshot; in local mode our own copy).
         address: Ray cluster to attach to (else ``train.ray.address``, ``RAY_ADDRESS``, or a new local Ray).
-        quiet: no worker logs on the driver and no progress bar.
+        quiet: no progress bar and no per-epoch summary lines.
+        verbose: Ray's worker logs on the driver's console too (``--debug``).
         model_dir: where the best model is exported (default ``<storage_path>/<run_name>/model``).
         dvclive_dir: dvclive directory for per-epoch metrics (None: no dvclive).
         stop_after_epochs: stop this run after that many epochs (the schedule still spans ``optim.epochs``); a
@@ -580,28 +473,39 @@ def run_training(
     from ray.train.torch import TorchTrainer
 
     train = params.train
-    features = Path(features).resolve()
+    features = resolve(features)
     store = FeatureStore.open(features)  # FileNotFoundError / IncompleteStoreError before any Ray work
     if "train" not in store.splits:
         raise ValueError(f"feature store {features} has no train split (has {store.splits}); extract it first")
     has_val = "val" in store.splits
-    storage = Path(storage_path).resolve()
-    run_dir = storage / run_name
-    if run_dir.exists() and not resume:
-        logger.warning("removing the previous run at %s (pass resume=True to continue it)", run_dir)
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    best_dir = Path(model_dir).resolve() if model_dir is not None else run_dir / "model"
+    storage = resolve(storage_path)
+    remote = is_url(storage)  # checkpoints in object storage: every node reaches them, no shared filesystem
     local_mode = train.ray.num_workers == 0
-    local_state = run_dir / "local_state"
+    if remote and local_mode:
+        raise ValueError(
+            f"train.ray.num_workers=0 keeps its checkpoints on this machine; use a local storage path, not {storage}"
+        )
+    run_location = join(storage, run_name)
+    if exists(run_location) and not resume:
+        logger.warning("removing the previous run at %s (pass resume=True to continue it)", run_location)
+        remove_tree(run_location)
+    # Our own files beside Ray's (history.json, the best-model export, the local-mode state, test markers): in the
+    # run directory when it is local; with remote storage the driver rebuilds them from the checkpoints instead.
+    run_dir = None if remote else Path(run_location)
+    if run_dir is not None:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if model_dir is None and run_dir is None:
+        raise ValueError("remote storage needs a local model_dir for the exported model")
+    best_dir = Path(model_dir).resolve() if model_dir is not None else run_dir / "model"
+    local_state = None if run_dir is None else run_dir / "local_state"
     config = {
         "train": train.model_dump(mode="json"),
-        "features": str(features),
+        "features": features,
         "seed": params.seed,
         "captions_per_image": params.extract.captions_per_image,
         "resume_from": str(local_state) if local_mode and resume and local_state.is_dir() else None,
-        "best_model_dir": str(best_dir),
-        "run_dir": str(run_dir),
+        "best_model_dir": None if remote else str(best_dir),
+        "run_dir": None if run_dir is None else str(run_dir),
         "local_state_dir": str(local_state) if local_mode else None,
         "dvclive_dir": None if dvclive_dir is None else str(Path(dvclive_dir).resolve()),
         "stop_after_epochs": stop_after_epochs,
@@ -624,24 +528,39 @@ def run_training(
         checkpoint_config=checkpoints,
         failure_config=FailureConfig(max_failures=train.ray.max_failures),
     )
-    started = False if local_mode else _init_ray(address or train.ray.address, quiet)
+    started = False if local_mode else _init_ray(address or train.ray.address, verbose)
+    console = None
     try:
+        if not local_mode and not quiet:
+            console = DriverConsole(train.optim.epochs, bar=sys.stderr.isatty())
+            config["console"] = console.queue
         trainer = TorchTrainer(
             train_loop_per_worker, train_loop_config=config, scaling_config=scaling, run_config=run_config
         )
         result = trainer.fit()
     finally:
+        if console is not None:
+            console.close()
         if started:
             import ray
 
             ray.shutdown()
 
-    history_file = run_dir / HISTORY_FILE
-    history = json.loads(history_file.read_text()) if history_file.is_file() else []
     best_checkpoint = None
+    if run_dir is not None:
+        history_file = run_dir / HISTORY_FILE
+        history = json.loads(history_file.read_text()) if history_file.is_file() else []
+    else:  # remote storage: the latest checkpoint holds the whole history
+        with result.checkpoint.as_directory() as latest:
+            history = json.loads((Path(latest) / STATE_FILE).read_text())["history"]
     if not local_mode:
         best = result.get_best_checkpoint(SCORE_METRIC, "max") if has_val else result.checkpoint
-        best_checkpoint = Path(best.path) if best is not None else None
+        if best is not None and remote:
+            with best.as_directory() as directory:
+                export_model(directory, best_dir)
+            best_checkpoint = f"{storage.split('://', 1)[0]}://{best.path.lstrip('/')}"  # Ray gives a bucket path
+        elif best is not None:
+            best_checkpoint = Path(best.path)
     rsums = [h["val_rsum"] for h in history if "val_rsum" in h]
     return TrainResult(
         best_model=best_dir,

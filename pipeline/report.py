@@ -3,7 +3,7 @@
 Attention figures: one PNG per image, the image then one panel per set element k with that element's attention
 ``[h, w]`` over the backbone's conv grid, upsampled bilinearly to the part of the image the backbone saw and alpha
 blended over it with a colormap (each panel normalised by its own maximum; the part outside the centre crop is
-dimmed). The grid maps back through the backbone preprocessing (``pipeline.backbones``): resize the short side to
+dimmed). The grid maps back through the backbone preprocessing (``pipeline.image_backbones``): resize the short side to
 ``round(input / 0.875)`` (256 for 224 px), centre crop ``input`` (`backbone_crop_box`); the grid is row-major
 (``fmap.flatten(2)``), so token ``t`` is cell ``(t // w, t % w)``. Each panel is titled with the caption nearest to
 its element (`nearest_captions`): the caption ``c`` maximising ``max_l cos(v_k, t_{c,l})`` over every caption of the
@@ -39,8 +39,6 @@ TITLE_CHARS = 38  # caption wrap width at 9 pt in a 256 px panel
 TITLE_LINES = 3
 
 
-
-
 # ------------------------------------------------------------------------------------------------ geometry / math
 def spread(n_total: int, n: int) -> list[int]:
     """``min(n, n_total)`` distinct indices evenly spread over ``range(n_total)`` (deterministic query picks)."""
@@ -52,7 +50,7 @@ def spread(n_total: int, n: int) -> list[int]:
 
 def backbone_crop_box(width: int, height: int, input_size: int = 224) -> tuple[float, float, float, float]:
     """``(x0, y0, x1, y1)`` in original pixels of what the backbone saw: torchvision ``Resize(round(input / 0.875))``
-    of the short side, then ``CenterCrop(input)`` (``pipeline.backbones``)."""
+    of the short side, then ``CenterCrop(input)`` (``pipeline.image_backbones``)."""
     resize = round(input_size / CROP_PCT)
     if width <= height:
         rw, rh = resize, int(resize * height / width)

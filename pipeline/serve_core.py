@@ -25,12 +25,12 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.indexing import INDEX_FORMAT, ITEMS_JSON, MANIFEST_JSON
+
 MAX_TEXT_CHARS = 1000
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 MAX_IMAGE_PIXELS = 40_000_000  # 40 Mpx: far above any photo a query needs, far below a decompression bomb
 MAX_K = 100
-# the layout `stages.index` writes (pipeline never imports stages; tests check these equal stages.index's)
-INDEX_FORMAT, MANIFEST_JSON, ITEMS_JSON = "setemb.search_index/1", "manifest.json", "items.json"
 DATABASES = ("image", "text")  # the database a query searches: image = text -> images, text = image -> captions
 
 
@@ -229,7 +229,7 @@ class Catalog:
         self._attention = group["attention"]  # [N, K, Ntok]
         tokens = self._attention.shape[2]
         if features is not None and Path(features).exists():
-            from setemb.store import FeatureStore
+            from setemb.feature_store import FeatureStore
 
             try:
                 attrs = FeatureStore.open(features).modality(self.split, "image").attrs

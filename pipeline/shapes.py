@@ -25,11 +25,15 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from setemb.data import SplitIndex
+
+if TYPE_CHECKING:
+    from pipeline.params import Params
 
 logger = logging.getLogger(__name__)
 
@@ -394,6 +398,18 @@ def generate_shapes(
         raise
     logger.info("%s: wrote shapes dataset %s", out_dir, params)
     return out_dir
+
+
+def run_prepare(params: Params, out: Path) -> Path:
+    """Write the dataset to ``out`` from the ``prepare`` params (profile sizes, each overridable) and ``seed``; a
+    no-op when ``out`` already holds the same generation."""
+    sizes = dict(SHAPES_PROFILES[params.prepare.profile])
+    for key in ("train_images", "val_images", "test_images", "image_size"):
+        value = getattr(params.prepare, key)
+        if value is not None:
+            sizes[key] = value
+    logger.info("shapes profile %s: %s", params.prepare.profile, sizes)
+    return generate_shapes(out, seed=params.seed, **sizes)
 
 
 def _generate_into(

@@ -19,8 +19,8 @@ Cache layout (``<cache>/<fingerprint[:16]>/``)::
 finished cell is skipped, a cell with a model only evaluates its missing variants, and an interrupted training
 resumes from its last finished epoch. Jobs run in-process (``workers=0``) or as Ray tasks with one CPU each.
 
-This module knows nothing of the stages: the function that runs one job (train -> embed -> evaluate) is injected
-(``stages.study.run_cell``), and must be importable by Ray workers.
+This module knows nothing of the grids or the stages: the function that runs one job (train -> embed -> evaluate)
+is injected (``pipeline.study_grid.run_cell``), and must be importable by Ray workers.
 """
 
 from __future__ import annotations
@@ -230,7 +230,7 @@ def execute(
 
     Args:
         jobs: from ``plan``.
-        runner: runs one job and returns its record (``stages.study.run_cell``); importable by Ray workers.
+        runner: runs one job and returns its record (``pipeline.study_grid.run_cell``); importable by Ray workers.
         workers: 0 = sequential in this process; N >= 1 = Ray tasks on N CPUs.
         quiet: hide the workers' logs.
         on_done: called as ``on_done(outcome, finished, total)`` after each job.

@@ -4,7 +4,9 @@ The stable API is re-exported here; everything else lives in its module. This pa
 einops, scipy, faiss and zarr: no Ray, DVC, Typer or pydantic (those are the pipeline's).
 """
 
+from setemb.embedding_store import EmbeddingStore
 from setemb.encoders import create_encoder, list_encoders
+from setemb.feature_store import FeatureStore
 from setemb.heads import SetOutput, create_head, list_heads
 from setemb.losses import ProbabilisticMatchingLoss, TripletSetLoss, create_loss, list_losses
 from setemb.metrics import (
@@ -28,7 +30,6 @@ from setemb.similarity import (
     score,
     smooth_chamfer,
 )
-from setemb.store import EmbeddingStore, FeatureStore
 
 __all__ = [
     "EmbeddingStore",

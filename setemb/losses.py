@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from setemb.registry import Registry
-from setemb.similarity import create_similarity
+from setemb.similarity import closed_form_sampled_distance, create_similarity
 
 if TYPE_CHECKING:
     from setemb.heads import SetOutput
@@ -282,6 +282,81 @@ def uniformity_loss(x: Tensor) -> Tensor:
     return torch.logsumexp(-2.0 * d2[off_diagonal], dim=0) - math.log(n * (n - 1))
 
 
+# ------------------------------------------------------------------------------------------------ PCME++ (M§4.4b)
+
+
+def pseudo_positive_labels(logits: Tensor, matched: Tensor) -> Tensor:
+    """PCME++ pseudo-positives (Chun, ICLR 2024, §3.3; M§4.4b): in-batch "negatives" scored at least as well as a
+    positive of the same query become positives.
+
+    Row-wise: query r's threshold is its *least* similar positive, ``t_r = min_{c: m_rc} logits_rc``; every entry
+    with ``logits_rc ≥ t_r`` gets label 1 (true positives keep 1, the others keep 0). PCME++'s batches have one
+    positive per query (the official code takes that one's logit); with several captions per image we take the
+    least similar one, i.e. "not less similar than one of the query's own positives". Rows without a positive
+    are unchanged. Not differentiable (labels); call it on detached logits.
+
+    Args:
+        logits: ``[Q, G]`` match logits (larger = more similar), queries in rows.
+        matched: ``[Q, G]`` bool ground truth.
+
+    Returns:
+        ``[Q, G]`` float labels in {0, 1}.
+    """
+    if logits.shape != matched.shape or logits.ndim != 2:
+        raise ValueError(
+            f"pseudo_positive_labels expects logits and matched [Q, G], got {tuple(logits.shape)} and "
+            f"{tuple(matched.shape)}"
+        )
+    threshold = logits.masked_fill(~matched, float("inf")).amin(dim=1, keepdim=True)  # [Q, 1], +inf: no positive
+    return (matched | (logits >= threshold)).to(logits.dtype)  # [Q, G]
+
+
+def csd_matching_loss(
+    img_mean: Tensor,
+    img_std: Tensor,
+    txt_mean: Tensor,
+    txt_std: Tensor,
+    caption_to_image: Tensor,
+    scale: float | Tensor,
+    shift: float | Tensor,
+    pseudo_positive_weight: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """PCME++ probabilistic matching loss (Chun, ICLR 2024, eq. 3 + §3.3; M§4.4b) over all P × C pairs.
+
+    ``l_ic = −scale·CSD(i, c) + shift`` (``closed_form_sampled_distance``), ``p(m | i, c) = sigmoid(l)``, and the
+    binary cross-entropy ``BCE(l, m)`` (``F.binary_cross_entropy_with_logits``, i.e. softplus form) averaged over
+    the P·C pairs, m = 1 when c is a caption of i. The official code doubles it (its i2t and t2i copies are the same
+    number, pcme#3); so do we: ``main = 2·BCE(l, m)``. Pseudo-positives (``pseudo_positive_labels``, from detached
+    logits): ``pseudo = BCE(l, m̃_i2t) + BCE(lᵀ, m̃_t2i)``, with m̃ computed image-wise (rows) and caption-wise
+    (columns). Total: ``main + pseudo_positive_weight·pseudo``.
+
+    Args:
+        img_mean, img_std: ``[P, D]`` μ and σ of the images. txt_mean, txt_std: ``[C, D]`` of the captions.
+        caption_to_image: ``[C]`` long, image of each caption.
+        scale: α > 0 (learnable). shift: β (learnable).
+        pseudo_positive_weight: PCME++'s smoothness α_pp (0.1); 0 skips the term.
+
+    Returns:
+        (total, main, pseudo) scalars; ``pseudo`` is 0 when its weight is 0.
+    """
+    P, D = img_mean.shape
+    C = txt_mean.shape[0]
+    if caption_to_image.shape != (C,):
+        raise ValueError(f"caption_to_image must be [C] = [{C}], got {tuple(caption_to_image.shape)}")
+    csd = closed_form_sampled_distance(_wide(img_mean), _wide(img_std), _wide(txt_mean), _wide(txt_std))  # [P, C]
+    logits = -scale * csd + shift  # [P, C]
+    images = torch.arange(P, device=logits.device)
+    matched = caption_to_image.to(logits.device)[None, :] == images[:, None]  # [P, C]
+    main = 2.0 * F.binary_cross_entropy_with_logits(logits, matched.to(logits.dtype))
+    pseudo = logits.new_zeros(())
+    if pseudo_positive_weight > 0:
+        detached = logits.detach()
+        i2t = pseudo_positive_labels(detached, matched)  # [P, C]
+        t2i = pseudo_positive_labels(detached.T, matched.T)  # [C, P]
+        pseudo = F.binary_cross_entropy_with_logits(logits, i2t) + F.binary_cross_entropy_with_logits(logits.T, t2i)
+    return main + pseudo_positive_weight * pseudo, main, pseudo
+
+
 # ------------------------------------------------------------------------------------------------ MaxMatch (M§4.5)
 
 
@@ -518,11 +593,87 @@ class ProbabilisticMatchingLoss(nn.Module):
         return {"loss": total, **{name: value.detach() for name, value in parts.items()}}
 
 
+@LOSSES.register("pcmepp")
+class ClosedFormSampledDistanceLoss(nn.Module):
+    """PCME++ criterion (Chun, ICLR 2024; M§4.4b): CSD matching loss + pseudo-positives + VIB (KL to N(0, I)).
+
+    ``loss = csd_matching_loss(...) + vib_weight · (KL_img + KL_txt) / D`` where KL is ``kl_divergence_loss`` (σ read
+    as a standard deviation) divided by D, i.e. averaged over dimensions as the official VIB term is. The learnable
+    α (``scale``, learnt in log space per house style, init 5) and β (``shift``, init 5) are PCME++'s
+    ``init_negative_scale`` / ``init_shift``. Needs the probabilistic head with ``output: mean_std`` (it reads
+    ``SetOutput.mean`` and ``logsigma``); evaluation ranks by ``csd`` (α, β do not change a ranking).
+
+    Mixed-sample augmentation (PCME++'s mixup / cutmix on pixels with softened labels) is not applied: features are
+    cached, and a mix of two cached grids is not the feature of a mixed image. Size augmentation (``token_drop``)
+    is, as in PCME++ (img/txt size augment 0.2).
+
+    Args:
+        init_scale: initial α (> 0). init_shift: initial β.
+        vib_weight: β_VIB (PCME++: 1e-4). pseudo_positive_weight: α_pp (PCME++ "smoothness_alpha": 0.1).
+    """
+
+    similarity_name = "csd"
+
+    def __init__(
+        self,
+        init_scale: float = 5.0,
+        init_shift: float = 5.0,
+        vib_weight: float = 1e-4,
+        pseudo_positive_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if init_scale <= 0:
+            raise ValueError(f"init_scale must be > 0, got {init_scale}")
+        if vib_weight < 0 or pseudo_positive_weight < 0:
+            raise ValueError(
+                f"weights must be >= 0, got vib_weight={vib_weight}, pseudo_positive_weight={pseudo_positive_weight}"
+            )
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale)))
+        self.shift = nn.Parameter(torch.tensor(float(init_shift)))
+        self.vib_weight = vib_weight
+        self.pseudo_positive_weight = pseudo_positive_weight
+
+    @property
+    def scale(self) -> Tensor:
+        """α, ``exp(log_scale)``."""
+        return self.log_scale.exp()
+
+    def similarity_kwargs(self) -> dict[str, Any]:
+        """``csd`` needs no learnt value: ``sigmoid(−α·CSD + β)`` is monotone in −CSD."""
+        return {}
+
+    def forward(self, img: SetOutput, txt: SetOutput, caption_to_image: Tensor) -> dict[str, Tensor]:
+        """Args: img / txt with ``mean``, ``logsigma`` ``[P, D]`` / ``[C, D]``.
+
+        Returns:
+            ``{"loss", "matching", "pseudo_positive", "kl", "scale", "shift"}``, components detached.
+        """
+        for out, side in ((img, "img"), (txt, "txt")):
+            if out.mean is None or out.logsigma is None:
+                raise ValueError(f"pcmepp loss needs {side}.mean and {side}.logsigma [B, D], got None")
+        total, main, pseudo = csd_matching_loss(
+            img.mean,
+            img.logsigma.exp(),
+            txt.mean,
+            txt.logsigma.exp(),
+            caption_to_image,
+            scale=self.scale,
+            shift=self.shift,
+            pseudo_positive_weight=self.pseudo_positive_weight,
+        )
+        D = img.mean.shape[-1]
+        kl = (kl_divergence_loss(img.mean, img.logsigma) + kl_divergence_loss(txt.mean, txt.logsigma)) / D
+        if self.vib_weight > 0:
+            total = total + self.vib_weight * kl
+        parts = {"matching": main, "pseudo_positive": pseudo, "kl": kl, "scale": self.scale, "shift": self.shift}
+        return {"loss": total, **{name: value.detach() for name, value in parts.items()}}
+
+
 def list_losses() -> list[str]:
     """Registered loss names."""
     return LOSSES.list()
 
 
 def create_loss(name: str, **kwargs: Any) -> nn.Module:
-    """Build the loss registered as ``name`` (``triplet``, ``pcme``) with ``kwargs``."""
+    """Build the loss registered as ``name`` (``triplet``, ``pcme``, ``pcmepp``) with ``kwargs``."""
     return LOSSES.create(name, **kwargs)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from setemb.encoders import create_encoder, drop_tokens
-from setemb.heads import SetOutput, create_head
+from setemb.heads import HEADS, SetOutput, create_head
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +56,9 @@ class Tower(nn.Module):
                 mask = torch.ones(local.shape[:2], dtype=torch.bool, device=local.device)
             mask = drop_tokens(mask, self.token_drop)
         local_features, global_feature = self.encoder(local, global_, mask)  # [B, N, D_l], [B, D]
+        if getattr(self.head, "reads_backbone", False):  # PCME's σ branch reads the frozen backbone features
+            backbone = local if local.is_floating_point() else local_features  # bi-GRU: its word embeddings
+            return self.head(local_features, global_feature, mask, backbone=backbone)
         return self.head(local_features, global_feature, mask)
 
 
@@ -105,9 +108,13 @@ def _build_tower(
     token_drop: float,
     dd: dict[str, Any],
 ) -> Tower:
-    """Encoder then head, the head's input_dim defaulting to the encoder's local_dim."""
+    """Encoder then head, the head's input_dim defaulting to the encoder's local_dim (and, for heads that read the
+    backbone features, ``backbone_dim`` to the encoder's input width: token ids -> its word embeddings)."""
     enc = create_encoder(encoder, embed_dim=embed_dim, **encoder_kwargs, **dd)
-    kwargs = {"input_dim": getattr(enc, "local_dim", embed_dim), **head_kwargs}
+    local_dim = getattr(enc, "local_dim", embed_dim)
+    kwargs = {"input_dim": local_dim, **head_kwargs}
+    if getattr(HEADS.get(head), "reads_backbone", False):
+        kwargs.setdefault("backbone_dim", getattr(enc, "input_dim", None) or local_dim)
     return Tower(enc, create_head(head, embed_dim=embed_dim, num_embeddings=num_embeddings, **kwargs, **dd), token_drop)
 
 

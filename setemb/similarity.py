@@ -3,7 +3,8 @@
 Every similarity takes two batches of sets, ``a [N, Ka, D]`` and ``b [M, Kb, D]`` (``Ka`` may differ from ``Kb``),
 optional bool masks ``a_mask [N, Ka]`` / ``b_mask [M, Kb]`` (True = valid element), and returns ``[N, M]`` in float32
 (float64 when an input is float64). Elements are compared by cosine: inputs are L2-normalised inside, in float32 even
-for float16 / bfloat16 inputs. ``match_probability`` is the exception: PCME compares raw samples (see there).
+for float16 / bfloat16 inputs. ``match_probability`` (PCME) and ``csd`` (PCME++, sets are (μ, σ) pairs) are the
+exceptions: they compare raw, un-normalised rows (see there).
 
 Masks and empty sets: reductions run over valid elements only. A set with no valid element scores ``-inf`` against
 every set (for every similarity), so it never outranks a real set; its gradient is zero, never NaN.
@@ -112,6 +113,17 @@ def _prepare_mean(x: Tensor, mask: Tensor | None, dtype: torch.dtype, gallery: b
 def _prepare_raw(x: Tensor, mask: Tensor | None, dtype: torch.dtype, gallery: bool) -> _Sets:
     x = x.to(dtype)  # [N, K, D], PCME samples are not renormalised
     return _Sets(_element_major(x, gallery), mask, _count(x, mask), x.square().sum(-1))
+
+
+def _prepare_gaussian(x: Tensor, mask: Tensor | None, dtype: torch.dtype, gallery: bool) -> _Sets:
+    """PCME++ (μ, σ) pairs ``[N, 2, D]`` -> x = μ ``[N, D]``, sq_norm = ``‖μ‖² + Σ_d σ_d²`` ``[N]``."""
+    if x.shape[1] != 2:
+        raise ValueError(f"csd_similarity expects (mean, std) pairs [N, 2, D], got shape {tuple(x.shape)}")
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("csd_similarity compares whole (mean, std) pairs; masks must be all True")
+    x = x.to(dtype)
+    mu, sigma = x[:, 0], x[:, 1]  # [N, D], [N, D]
+    return _Sets(mu.contiguous(), None, _count(x, None), mu.square().sum(-1) + sigma.square().sum(-1))
 
 
 # ----------------------------------------------------------------------------------------------- shared pieces
@@ -238,6 +250,15 @@ def _match_probability_kernel(
     return _fill_empty(p.sum(dim=(1, 2)) / (a.count[:, None] * b.count[None, :]).clamp_min(1), a, b)
 
 
+def _csd_kernel(a: _Sets, b: _Sets, *, use_sigma: bool = True) -> Tensor:
+    """``−CSD [N, M]`` from prepared (μ, ‖μ‖² + Σσ²) sets: ``−(s_a + s_b − 2 μ_a·μ_b)``, one GEMM."""
+    if use_sigma:
+        sq_a, sq_b = a.sq_norm, b.sq_norm  # [N], [M]
+    else:
+        sq_a, sq_b = a.x.square().sum(-1), b.x.square().sum(-1)  # [N], [M] ‖μ‖² only
+    return -(sq_a[:, None] + sq_b[None, :] - 2.0 * a.x @ b.x.T)  # [N, M]
+
+
 @functools.cache
 def _permutations(k: int, device: torch.device) -> Tensor:
     return torch.tensor(list(itertools.permutations(range(k))), dtype=torch.long, device=device)  # [k!, k]
@@ -298,6 +319,7 @@ _KERNELS: dict[str, _Kernel] = {
     "mean_similarity": _Kernel(_prepare_mean, _mean_kernel, lambda ka, kb, kw: 1),
     "match_probability": _Kernel(_prepare_raw, _match_probability_kernel, lambda ka, kb, kw: 3 * ka * kb),
     "pair_assignment": _Kernel(_prepare_cosine, _pair_assignment_kernel, _assignment_cost),
+    "csd": _Kernel(_prepare_gaussian, _csd_kernel, lambda ka, kb, kw: 1),
 }
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -490,6 +512,33 @@ def pair_assignment(a: Tensor, b: Tensor, a_mask: Tensor | None = None, b_mask: 
     return _apply("pair_assignment", a, b, a_mask, b_mask, tau=tau, iterations=iterations, exact=exact)
 
 
+def closed_form_sampled_distance(mu_a: Tensor, sigma_a: Tensor, mu_b: Tensor, sigma_b: Tensor) -> Tensor:
+    """PCME++ closed-form sampled distance (Chun, ICLR 2024, eq. 1-2; M§4.4b) of all pairs of diagonal Gaussians.
+
+    ``CSD(a, b) = E‖Z_a − Z_b‖² = ‖μ_a − μ_b‖² + Σ_d σ_{a,d}² + Σ_d σ_{b,d}²`` for independent
+    ``Z_a ~ N(μ_a, diag σ_a²)``, ``Z_b ~ N(μ_b, diag σ_b²)``: the expected squared distance of one sample of each,
+    in closed form (PCME's Monte-Carlo estimate of the match probability becomes unnecessary).
+
+    Args:
+        mu_a: [N, D] means; sigma_a: [N, D] standard deviations (>= 0).
+        mu_b: [M, D]; sigma_b: [M, D].
+
+    Returns:
+        [N, M] CSD >= 0 (a distance: smaller = more similar), in the inputs' dtype (float32 for half inputs).
+    """
+    if mu_a.ndim != 2 or mu_a.shape != sigma_a.shape or mu_b.ndim != 2 or mu_b.shape != sigma_b.shape:
+        raise ValueError(
+            f"closed_form_sampled_distance expects mu/sigma [N, D] and [M, D] pairs, got {tuple(mu_a.shape)}, "
+            f"{tuple(sigma_a.shape)}, {tuple(mu_b.shape)}, {tuple(sigma_b.shape)}"
+        )
+    if mu_a.shape[1] != mu_b.shape[1]:
+        raise ValueError(f"closed_form_sampled_distance: widths differ, {mu_a.shape[1]} vs {mu_b.shape[1]}")
+    dtype = _compute_dtype(mu_a.dtype, mu_b.dtype)
+    mu_a, sigma_a, mu_b, sigma_b = (t.to(dtype) for t in (mu_a, sigma_a, mu_b, sigma_b))
+    d2 = (mu_a.square().sum(-1)[:, None] + mu_b.square().sum(-1)[None, :] - 2.0 * mu_a @ mu_b.T).clamp_min(0.0)
+    return d2 + sigma_a.square().sum(-1)[:, None] + sigma_b.square().sum(-1)[None, :]  # [N, M]
+
+
 def sinkhorn(log_kernel: Tensor, iterations: int = 20) -> Tensor:
     """Log-domain Sinkhorn (M§3.3): ``iterations`` times ``Z ← Z − LSE_row(Z)``, ``Z ← Z − LSE_col(Z)``; ``P = exp Z``.
 
@@ -505,6 +554,29 @@ def sinkhorn(log_kernel: Tensor, iterations: int = 20) -> Tensor:
         z = z - torch.logsumexp(z, dim=-1, keepdim=True)  # rows
         z = z - torch.logsumexp(z, dim=-2, keepdim=True)  # columns
     return z.exp()
+
+
+@_registered("csd")
+def csd_similarity(a: Tensor, b: Tensor, a_mask: Tensor | None = None, b_mask: Tensor | None = None, *,
+                   use_sigma: bool = True) -> Tensor:  # fmt: skip
+    """PCME++ similarity: the negated closed-form sampled distance, ``−CSD`` (``closed_form_sampled_distance``).
+
+    Each "set" is a PCME++ item as the probabilistic head emits it with ``output="mean_std"``: ``[N, 2, D]`` with
+    row 0 the mean μ and row 1 the standard deviation σ. ``s(a, b) = −(‖μ_a − μ_b‖² + Σσ_a² + Σσ_b²)``, so a larger
+    score is more similar (house rule) and the ranking is PCME++'s "evaluation by CSD". PCME++'s match probability
+    ``sigmoid(−α·CSD + β)`` (α > 0) is a monotone function of it, so α and β are not needed to rank. With
+    ``use_sigma=False`` it is ``−‖μ_a − μ_b‖²``, PCME++'s "μ only" evaluation (= ``2·cos − 2`` for unit-norm μ).
+    Raw (un-normalised) rows; computed with one GEMM per tile, ``s = 2 μ_a·μ_b − (‖μ_a‖² + Σσ_a²) − (‖μ_b‖² + Σσ_b²)``.
+
+    Args:
+        a: [N, 2, D] (μ, σ) pairs. b: [M, 2, D].
+        a_mask, b_mask: None or all True ([N, 2] / [M, 2]); a pair is never partly valid.
+        use_sigma: include the Σσ² terms (default) or rank by the means alone.
+
+    Returns:
+        [N, M] float32 (float64 for float64 inputs), ≤ 0.
+    """
+    return _apply("csd", a, b, a_mask, b_mask, use_sigma=use_sigma)
 
 
 def list_similarities() -> list[str]:

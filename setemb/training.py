@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from setemb.metrics import recall_at_k
 from setemb.similarity import score
+from setemb.streaming import StreamingTable, block_shuffled_order
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ class ImageCaptionBatches:
         drop_last: True: ``n_images // (P * world_size)`` batches of exactly P images, the remainder is left out.
             False: ``ceil(n_images / (P * world_size))`` batches per rank, every image used exactly once, batch sizes
             balanced (they differ by at most 1, all <= P).
+        bounds: block boundaries of the images in the store (``setemb.streaming.block_bounds``); with them the
+            order is ``block_shuffled_order`` (blocks shuffled, items shuffled within windows of ``window_blocks``
+            blocks), so a streaming reader touches a bounded set of blocks at a time. None: a full permutation.
+        window_blocks: blocks per shuffle window (with ``bounds``).
     """
 
     def __init__(
@@ -146,7 +151,11 @@ class ImageCaptionBatches:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = True,
+        bounds: np.ndarray | None = None,
+        window_blocks: int = 1,
     ) -> None:
+        if bounds is not None and (len(bounds) < 1 or int(bounds[-1]) != n_images):
+            raise ValueError(f"bounds must end at n_images={n_images}, got {None if not len(bounds) else bounds[-1]}")
         if images_per_batch < 1:
             raise ValueError(f"images_per_batch must be >= 1, got {images_per_batch}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -163,12 +172,15 @@ class ImageCaptionBatches:
             )
         self.n_images, self.images_per_batch = n_images, images_per_batch
         self.seed, self.epoch, self.rank, self.world_size, self.drop_last = seed, epoch, rank, world_size, drop_last
+        self.bounds, self.window_blocks = bounds, window_blocks
 
     def __len__(self) -> int:
         return self.num_batches
 
     def permutation(self) -> np.ndarray:
         """The epoch's image order, ``[n_images]``, the same on every rank."""
+        if self.bounds is not None:
+            return block_shuffled_order(self.bounds, window_blocks=self.window_blocks, seed=self.seed, epoch=self.epoch)
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.n_images)
 
     def __iter__(self) -> Iterator[np.ndarray]:
@@ -219,8 +231,8 @@ class CaptionIndex:
 
 
 def make_batch(
-    image_table: FeatureTable,
-    text_table: FeatureTable,
+    image_table: FeatureTable | StreamingTable,
+    text_table: FeatureTable | StreamingTable,
     caption_to_image: np.ndarray | CaptionIndex,
     image_indices: np.ndarray | Sequence[int],
 ) -> tuple[Batch, Batch, Tensor]:
@@ -373,7 +385,7 @@ class EncodedTable:
 @torch.no_grad()
 def encode_table(
     tower_fn: Callable[[Batch], Any],
-    table: FeatureTable,
+    table: FeatureTable | StreamingTable,
     batch_size: int,
     *,
     device: torch.device | str = "cpu",
@@ -437,8 +449,8 @@ def _image_major(caption_to_image: np.ndarray, n_images: int, captions_per_image
 
 def validate(
     model: nn.Module,
-    image_table: FeatureTable,
-    text_table: FeatureTable,
+    image_table: FeatureTable | StreamingTable,
+    text_table: FeatureTable | StreamingTable,
     caption_to_image: np.ndarray,
     *,
     similarity: str | Callable[..., Tensor],

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import typer
 
 from pipeline.cli import call, start_stage
-from pipeline.params import Params
+from pipeline.shapes import run_prepare
 
-logger = logging.getLogger("setemb.stage.prepare")
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-def run_prepare(params: Params, out: Path) -> Path:
-    """Write the dataset to ``out``; a no-op when ``out`` already holds the same generation."""
-    from pipeline.shapes import SHAPES_PROFILES, generate_shapes
-
-    sizes = dict(SHAPES_PROFILES[params.prepare.profile])
-    for key in ("train_images", "val_images", "test_images", "image_size"):
-        value = getattr(params.prepare, key)
-        if value is not None:
-            sizes[key] = value
-    logger.info("shapes profile %s: %s", params.prepare.profile, sizes)
-    return generate_shapes(out, seed=params.seed, **sizes)
 
 
 @app.command()

@@ -39,3 +39,12 @@ def device() -> torch.device:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The search world of tests/stages/test_search.py (shapes -> model -> embeddings -> index), built once for the
+    CLI tests there and the run_index / run_search tests in tests/pipeline/test_search.py."""
+    from tests.stages.test_search import build_search_world
+
+    return build_search_world(tmp_path_factory.mktemp("search"))

@@ -11,8 +11,20 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Blocked at run time in a subprocess (zarr itself needs yaml, so yaml is only checked statically).
-BLOCKED_AT_IMPORT = {"ray", "dvc", "dvclive", "typer", "pydantic", "pipeline", "stages", "PIL", "transformers",
-                     "torchvision", "timm", "h5py"}
+BLOCKED_AT_IMPORT = {
+    "ray",
+    "dvc",
+    "dvclive",
+    "typer",
+    "pydantic",
+    "pipeline",
+    "stages",
+    "PIL",
+    "transformers",
+    "torchvision",
+    "timm",
+    "h5py",
+}
 FORBIDDEN_IN_SETEMB = BLOCKED_AT_IMPORT | {"yaml"}
 
 
@@ -27,15 +39,24 @@ def _imported_top_modules(path: Path) -> set[str]:
     return names
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "setemb").glob("*.py")), ids=lambda p: p.name)
+def _modules(package: str) -> list[Path]:
+    """Every module of ``package``, subpackages included."""
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def _name(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+@pytest.mark.parametrize("path", _modules("setemb"), ids=_name)
 def test_setemb_module_imports_only_core_dependencies(path: Path) -> None:
     bad = _imported_top_modules(path) & FORBIDDEN_IN_SETEMB
-    assert not bad, f"setemb/{path.name} imports {sorted(bad)}; setemb must stay free of pipeline dependencies"
+    assert not bad, f"{_name(path)} imports {sorted(bad)}; setemb must stay free of pipeline dependencies"
 
 
-@pytest.mark.parametrize("path", sorted((ROOT / "pipeline").glob("*.py")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", _modules("pipeline"), ids=_name)
 def test_pipeline_never_imports_stages(path: Path) -> None:
-    assert "stages" not in _imported_top_modules(path), f"pipeline/{path.name} imports stages"
+    assert "stages" not in _imported_top_modules(path), f"{_name(path)} imports stages"
 
 
 def test_import_setemb_with_pipeline_dependencies_blocked() -> None:
@@ -47,8 +68,8 @@ def test_import_setemb_with_pipeline_dependencies_blocked() -> None:
         "            raise ImportError('blocked: ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
         "import setemb, pkgutil, importlib\n"
-        "for m in pkgutil.iter_modules(setemb.__path__):\n"
-        "    importlib.import_module('setemb.' + m.name)\n"
+        "for m in pkgutil.walk_packages(setemb.__path__, 'setemb.'):\n"
+        "    importlib.import_module(m.name)\n"
         "print('ok')\n"
     )
     out = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, cwd=ROOT, timeout=120)

@@ -15,7 +15,15 @@ DVC_YAML = yaml.safe_load((ROOT / "dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 STAGES = DVC_YAML["stages"]
 # Modules whose params reads count for a stage, beyond stages/<name>.py itself.
-EXTRA_MODULES = {"train": ["pipeline/ray_train.py"], "extract": ["pipeline/extraction.py"]}
+EXTRA_MODULES = {
+    "index": ["pipeline/indexing.py"],
+    "prepare": ["pipeline/shapes.py"],
+    "report": ["pipeline/reporting.py", "pipeline/report.py"],
+    "train": ["pipeline/training.py", "pipeline/ray_train.py"],
+    "embed": ["pipeline/embedding.py"],
+    "evaluate": ["pipeline/evaluation.py"],
+    "extract": ["pipeline/feature_cache.py", "pipeline/extraction.py"],
+}
 
 
 def _interpolate(text: str) -> str:
@@ -57,6 +65,13 @@ def test_stage_code_deps_exist(stage: str) -> None:
             assert (ROOT / path).exists(), f"stage {stage!r} depends on missing {path}"
 
 
+@pytest.mark.parametrize("stage", sorted(EXTRA_MODULES))
+def test_stage_depends_on_the_pipeline_modules_it_runs(stage: str) -> None:
+    deps = {_interpolate(dep) for dep in STAGES[stage].get("deps", [])}
+    missing = [rel for rel in EXTRA_MODULES[stage] if rel not in deps and rel.split("/")[0] not in deps]
+    assert not missing, f"dvc.yaml stage {stage!r} runs {missing} but does not list them in deps"
+
+
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_stage_command_is_a_stage_module(stage: str) -> None:
     cmd = STAGES[stage]["cmd"]
@@ -75,7 +90,11 @@ def test_every_interpolated_path_is_defined_in_params() -> None:
 
 def test_dvc_parses_the_pipeline() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "dvc", "stage", "list"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-m", "dvc", "stage", "list"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env={"DVC_NO_ANALYTICS": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
     assert out.returncode == 0, out.stderr

@@ -12,7 +12,7 @@ import pytest
 from pipeline.extraction import UnreadableImageError, WorkerPool, run_extraction, subset_index
 from pipeline.shapes import generate_shapes
 from setemb.data import read_karpathy, read_precomp
-from setemb.store import FeatureStore, FeatureStoreWriter
+from setemb.feature_store import FeatureStore, FeatureStoreWriter
 
 SIZES = {"train_images": 12, "val_images": 4, "test_images": 4, "image_size": 64}
 FAST = {"items_per_unit": 5, "batch_size": 4, "workers": 1}
@@ -165,7 +165,7 @@ def test_regions_of_wrong_shape_fail_clearly(tmp_path: Path) -> None:
 
 
 def test_glove_stores_token_ids_and_vocab_size(tmp_path: Path, train_index) -> None:
-    from pipeline.backbones import Vocabulary
+    from pipeline.text_backbones import Vocabulary
 
     vocab = Vocabulary.build(train_index.captions)
     vocab.save(tmp_path / "vocab.json")

@@ -1,4 +1,4 @@
-"""Tests of pipeline.ray_train: Ray Train wiring, checkpoints, resume, export / reload."""
+"""Tests of pipeline.ray_train: Ray Train wiring, local mode and DDP, resume, the exported best model."""
 
 from __future__ import annotations
 
@@ -10,17 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import export_model, load_model
 from pipeline.params import LossParams, ModelParams, OptimParams, Params, RayParams, TrainParams
-from pipeline.ray_train import (
-    export_model,
-    feature_table,
-    load_model,
-    resolve_model_kwargs,
-    run_training,
-)
-from setemb.losses import create_loss
-from setemb.model import create_model
-from setemb.store import FeatureStore, FeatureStoreWriter
+from pipeline.ray_train import resolve_model_kwargs, run_training
+from pipeline.train_data import feature_table
+from setemb.feature_store import FeatureStore, FeatureStoreWriter
 from setemb.training import encode_table, image_tower, text_tower, validate
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -168,28 +162,6 @@ def test_pcme_loss_parameters_are_trained_and_saved(store, tmp_path):
     assert config["similarity"]["kwargs"]["shift"] == pytest.approx(2 * shift)  # evaluation scores as trained
 
 
-def test_load_model_is_strict_and_names_the_keys(tmp_path):
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    kwargs = resolve_model_kwargs(tiny_params().train.model.model_dump(mode="json"), {"local_dim": 8}, {"local_dim": 6})
-    model = create_model(**kwargs)
-    state = model.state_dict()
-    state["image.extra_weight"] = torch.zeros(1)
-    dropped = next(iter(state))
-    del state[dropped]
-    torch.save(state, model_dir / "model.pt")
-    torch.save(create_loss("triplet").state_dict(), model_dir / "loss.pt")
-    (model_dir / "config.json").write_text(
-        json.dumps({"model": model.config, "loss": {"name": "triplet", "kwargs": {}}})
-    )
-    with pytest.raises(ValueError) as err:
-        load_model(model_dir)
-    assert "image.extra_weight" in str(err.value) and dropped in str(err.value)
-    os.remove(model_dir / "loss.pt")
-    with pytest.raises(FileNotFoundError, match="loss.pt"):
-        load_model(model_dir)
-
-
 # ---------------------------------------------------------------------------------------------------- DDP on Ray
 @pytest.fixture(scope="module")
 def ray_cluster():
@@ -250,3 +222,66 @@ def test_bigru_word_embeddings_start_from_the_extracted_glove_vectors(tmp_path) 
     np.save(tmp_path / GLOVE_VECTORS, vectors[:, :3])
     with pytest.raises(ValueError, match="word_dim"):
         _init_word_vectors(create_model(**kwargs), tmp_path)
+
+
+@pytest.mark.ray
+def test_training_streams_the_store_and_never_reads_a_whole_split(tmp_path, monkeypatch):
+    """Every read of feature rows on the training path (train epochs and validation) is one bounded block."""
+    from setemb.feature_store import ModalityFeatures
+    from tests.setemb.test_streaming import CountingRows
+
+    path = write_store(tmp_path / "features.zarr", sizes=(("train", 96), ("val", 32)))
+    block = 8
+    proxies: list[CountingRows] = []
+    plain_local, plain_global = ModalityFeatures.local_rows.fget, ModalityFeatures.global_rows.fget
+
+    def counted(getter, rows_per_item):
+        def wrap(self):
+            array = getter(self)
+            if array is None:
+                return None
+            # a block of images holds `block` items, of captions block * CPI items (at most 4 rows each)
+            limit = min(array.shape[0] - 1, block * CPI * rows_per_item) if rows_per_item else block * CPI
+            proxies.append(CountingRows(array, max_rows=limit))
+            return proxies[-1]
+
+        return property(wrap)
+
+    monkeypatch.setattr(ModalityFeatures, "local_rows", counted(plain_local, N_REG))
+    monkeypatch.setattr(ModalityFeatures, "global_rows", counted(plain_global, 0))
+    params = tiny_params(num_workers=0, epochs=2)
+    params = params.model_copy(
+        update={
+            "train": params.train.model_copy(
+                update={"data": params.train.data.model_copy(update={"block_images": block, "window_blocks": 2})}
+            )
+        }
+    )
+    result = run_training(params, features=path, storage_path=tmp_path / "ray", quiet=True)
+    assert [h["epoch"] for h in result.history] == [0, 1] and "val_rsum" in result.history[-1]
+    reads = [r for p in proxies for r in p.reads]
+    assert len(reads) > 8  # the split was read in many blocks, each within the bound (CountingRows asserts it)
+
+
+def test_rank0_progress_goes_to_the_driver_channel_and_summaries_are_one_line():
+    from pipeline.train_console import Progress, epoch_summary
+
+    class Channel(list):
+        def put_nowait(self, item):
+            self.append(item)
+
+    channel = Channel()
+    progress = Progress(total=10, epoch=3, enabled=True, channel=channel)
+    progress(5, {"loss": 0.5})
+    progress(10, {"loss": 0.25})
+    progress.close()
+    assert progress.bar is None  # the driver draws the bar, not the worker
+    assert channel == [
+        {"epoch": 3, "steps": 5, "total": 10, "loss": 0.5},
+        {"epoch": 3, "steps": 10, "total": 10, "loss": 0.25},
+    ]
+    line = epoch_summary(
+        {"epoch": 3, "train_loss": 0.12345, "val_rsum": 140.24, "best_val_rsum": 141.0, "epoch_time_s": 12.34}, 15
+    )
+    assert line == "epoch 4/15: loss 0.1235, val RSUM 140.2 (best 141.0), 12.3 s"
+    assert "\n" not in line

@@ -21,16 +21,16 @@ import torch
 import yaml
 from PIL import Image
 
+from pipeline.embedding import run_embed
+from pipeline.feature_cache import run_extract
+from pipeline.indexing import run_index
 from pipeline.params import load_params
 from pipeline.query import QueryEncoder
 from pipeline.ray_train import run_training
 from pipeline.shapes import generate_shapes
+from setemb.embedding_store import EmbeddingStore
 from setemb.index import SetIndex
 from setemb.similarity import score
-from setemb.store import EmbeddingStore
-from stages.embed import run_embed
-from stages.extract import run_extract
-from stages.index import run_index
 
 pytestmark = pytest.mark.ray
 CPI, N_TEST, K, D, SHARDS = 2, 9, 2, 16, 3

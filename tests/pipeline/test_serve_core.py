@@ -13,9 +13,6 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from pipeline.serve_core import (
-    INDEX_FORMAT,
-    ITEMS_JSON,
-    MANIFEST_JSON,
     ServeError,
     ShardSearcher,
     check_k,
@@ -27,12 +24,6 @@ from pipeline.serve_core import (
     shard_bounds,
 )
 from setemb.index import SetIndex
-
-
-def test_layout_constants_match_stages_index() -> None:
-    import stages.index as stage
-
-    assert (INDEX_FORMAT, MANIFEST_JSON, ITEMS_JSON) == (stage.INDEX_FORMAT, stage.MANIFEST_JSON, stage.ITEMS_JSON)
 
 
 @given(n=st.integers(1, 500), s=st.integers(1, 20))

@@ -66,8 +66,8 @@ def test_forward_shapes_unit_norm_no_nan(name):
         torch.testing.assert_close(out.embeddings.norm(dim=-1), torch.ones(B, rows))
     if out.elements is not None:
         torch.testing.assert_close(out.elements.norm(dim=-1), torch.ones(B, out.elements.shape[1]))
-    if out.attention is not None:
-        assert out.attention.shape == (B, out.elements.shape[1] if out.elements is not None else 1, N)
+    if out.attention is not None:  # one attention row per embedding row (what the embedding store requires)
+        assert out.attention.shape == (B, out.embeddings.shape[1], N)
         assert torch.isfinite(out.attention).all()
     torch.testing.assert_close(out.global_embedding.norm(dim=-1), torch.ones(B))
 
@@ -316,3 +316,49 @@ def test_pcme_eval_behaviour_is_explicit():
     assert deterministic.train()(local, glob, mask).embeddings.shape == (2, 7, D)  # training always samples
     with pytest.raises(ValueError, match="num_embeddings=1"):
         create_head("probabilistic", embed_dim=D, num_embeddings=4)
+
+
+def test_pcme_eval_samples_are_seeded_per_head_and_independent_of_batching():
+    head = make_head("probabilistic").eval()  # eval_seed 0 by default
+    local, glob, mask = make_inputs([4, 2, 3], 4)
+    whole = head(local, glob, mask).embeddings  # [3, J, D]
+    torch.testing.assert_close(head(local, glob, mask).embeddings, whole, rtol=0, atol=0)  # reproducible
+    torch.testing.assert_close(head(local[1:], glob[1:], mask[1:]).embeddings, whole[1:])  # no batch dependence
+    other = make_head("probabilistic", eval_seed=1).eval()
+    assert not torch.allclose(other(local, glob, mask).embeddings, whole)  # the text side uses another seed
+    unseeded = make_head("probabilistic", eval_seed=-1).eval()
+    assert not torch.allclose(unseeded(local, glob, mask).embeddings, unseeded(local, glob, mask).embeddings)
+
+
+def test_pcme_sigma_reads_the_backbone_not_the_mean_features():
+    """sigma_input="backbone": log σ depends only on the backbone rows, μ only on the encoder features (issue #10)."""
+    head = make_head("probabilistic", backbone_dim=20).train()
+    local, glob, mask = make_inputs([4, 2], 4)
+    backbone = torch.randn(2, 4, 20, generator=torch.Generator().manual_seed(9)).requires_grad_()
+    local.requires_grad_()
+    glob.requires_grad_()
+    out = head(local, glob, mask, backbone=backbone)
+    out.logsigma.sum().backward(retain_graph=True)
+    assert local.grad is None and glob.grad is None  # σ sends no gradient into the encoder's projections
+    assert backbone.grad[:, :2].abs().sum() > 0 and (backbone.grad[1, 2:] == 0).all()  # padded rows ignored
+    backbone.grad = None
+    out.mean.sum().backward()
+    assert backbone.grad is None and local.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="backbone must be"):
+        head(local, glob, mask, backbone=backbone[..., :5])
+    shared = make_head("probabilistic", sigma_input="shared").train()  # the collapsing design, kept as an ablation
+    local.grad = None
+    shared(local, glob, mask).logsigma.sum().backward()
+    assert local.grad.abs().sum() > 0
+
+
+def test_pcmepp_mean_std_output():
+    head = make_head("probabilistic", output="mean_std")
+    local, glob, mask = make_inputs([4, 2], 4)
+    for mode in (head.train(), head.eval()):
+        out = mode(local, glob, mask)
+        assert out.embeddings.shape == (2, 2, D) and out.attention.shape == (2, 2, 4)
+        torch.testing.assert_close(out.embeddings[:, 0], out.mean)
+        torch.testing.assert_close(out.embeddings[:, 1], out.logsigma.exp())
+    with pytest.raises(ValueError, match="output must be"):
+        make_head("probabilistic", output="samples_and_mean")

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from setemb.heads import SetOutput
 from setemb.losses import (
+    ClosedFormSampledDistanceLoss,
     ProbabilisticMatchingLoss,
     TripletSetLoss,
     create_loss,
+    csd_matching_loss,
     diversity_loss,
     global_discriminative_loss,
     gram_diversity_loss,
@@ -22,11 +24,12 @@ from setemb.losses import (
     kl_divergence_loss,
     list_losses,
     mmd_loss,
+    pseudo_positive_labels,
     soft_contrastive_loss,
     triplet_loss,
     uniformity_loss,
 )
-from setemb.similarity import list_similarities, match_probability
+from setemb.similarity import csd_similarity, list_similarities, match_probability
 
 DTYPE = torch.float64
 
@@ -322,8 +325,9 @@ TRIPLET_KEYS = {"loss", "triplet", "diversity", "mmd", "global_discriminative", 
 
 @pytest.mark.parametrize("similarity", list_similarities())
 def test_triplet_set_loss_every_similarity_backprops(similarity):
-    img, img_leaf = _set_output(3, 4, 8, seed=1)
-    txt, txt_leaf = _set_output(6, 3, 8, seed=2)
+    K, L = (2, 2) if similarity == "csd" else (4, 3)  # csd compares (μ, σ) pairs
+    img, img_leaf = _set_output(3, K, 8, seed=1)
+    txt, txt_leaf = _set_output(6, L, 8, seed=2)
     c2i = torch.tensor([0, 0, 1, 1, 2, 2])
     loss_fn = create_loss("triplet", similarity=similarity, margin=0.5)
     out = loss_fn(img, txt, c2i)
@@ -381,7 +385,7 @@ def test_triplet_set_loss_warm_up_switch_and_bad_options():
         TripletSetLoss(diversity="pvse")
     with pytest.raises(ValueError, match="unknown loss"):
         create_loss("vsepp")
-    assert list_losses() == ["pcme", "triplet"]
+    assert list_losses() == ["pcme", "pcmepp", "triplet"]
 
 
 def _pcme_output(B, J, D, seed):
@@ -417,3 +421,79 @@ def test_pcme_loss_consistent_with_its_similarity_kwargs():
     log_p = match_probability(img.embeddings, txt.embeddings, **loss_fn.similarity_kwargs())  # [1, 1] log p
     torch.testing.assert_close(out["soft_contrastive"], -log_p[0, 0].detach())
     torch.testing.assert_close(out["loss"].detach(), out["soft_contrastive"])
+
+
+# ---------------------------------------------------------------------------------------------------------- PCME++
+
+
+def _pcmepp_output(B, D, seed):
+    g = _gen(seed)
+    mean = F.normalize(torch.randn(B, D, generator=g, dtype=DTYPE), dim=-1).requires_grad_(True)
+    logsigma = (0.3 * torch.randn(B, D, generator=g, dtype=DTYPE) - 1.0).requires_grad_(True)
+    return SetOutput(embeddings=torch.stack((mean, logsigma.exp()), 1), mean=mean, logsigma=logsigma)
+
+
+def test_pseudo_positive_labels_hand_built():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.0, 4.0, 5.0, -1.0]])
+    matched = torch.tensor([[True, True, False, False], [False, True, False, False]])
+    labels = pseudo_positive_labels(logits, matched)
+    # row 0: least similar positive 1.0, so col 2 (2.0) joins; row 1: threshold 4.0, col 2 (5.0) joins
+    assert labels.tolist() == [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]
+    no_positive = pseudo_positive_labels(logits, torch.zeros_like(matched))
+    assert (no_positive == 0).all()
+
+
+def test_csd_matching_loss_matches_naive_bce_reference():
+    img, txt = _pcmepp_output(3, 5, seed=1), _pcmepp_output(6, 5, seed=2)
+    c2i = torch.tensor([0, 0, 1, 1, 2, 2])
+    scale, shift = 2.0, 3.0
+    total, main, pseudo = csd_matching_loss(
+        img.mean, img.logsigma.exp(), txt.mean, txt.logsigma.exp(), c2i, scale, shift, pseudo_positive_weight=0.1
+    )
+    csd = -csd_similarity(img.embeddings.detach(), txt.embeddings.detach()).double()  # [P, C]
+    logits = -scale * csd + shift
+    m = (c2i[None, :] == torch.arange(3)[:, None]).double()
+    p = torch.sigmoid(logits)
+
+    def bce(y):
+        return -(y * p.log() + (1 - y) * (1 - p).log()).mean()
+
+    torch.testing.assert_close(main.detach(), 2 * bce(m), rtol=1e-6, atol=1e-8)
+    rows = (logits >= logits.masked_fill(m == 0, float("inf")).amin(1, keepdim=True)).double().clamp(max=1)
+    cols = (logits >= logits.masked_fill(m == 0, float("inf")).amin(0, keepdim=True)).double().clamp(max=1)
+    torch.testing.assert_close(pseudo.detach(), bce(torch.maximum(m, rows)) + bce(torch.maximum(m, cols)))
+    torch.testing.assert_close(total.detach(), main.detach() + 0.1 * pseudo.detach())
+    _, _, none = csd_matching_loss(img.mean, img.logsigma.exp(), txt.mean, txt.logsigma.exp(), c2i, scale, shift)
+    assert none == 0
+
+
+def test_csd_matching_loss_prefers_close_positives_and_small_sigma():
+    img, txt = _pcmepp_output(2, 4, seed=3), _pcmepp_output(2, 4, seed=4)
+    c2i = torch.tensor([0, 1])
+    base, _, _ = csd_matching_loss(img.mean, img.logsigma.exp(), txt.mean, txt.logsigma.exp(), c2i, 1.0, 1.0)
+    closer, _, _ = csd_matching_loss(img.mean, img.logsigma.exp(), img.mean, txt.logsigma.exp(), c2i, 1.0, 1.0)
+    assert closer < base  # positives at zero mean distance
+    base.backward()
+    assert (img.logsigma.grad > 0).all()  # here every pair is too far: shrinking σ lowers every CSD
+
+
+def test_pcmepp_loss_parameters_components_and_similarity():
+    loss_fn = create_loss("pcmepp", init_scale=4.0, init_shift=2.0, vib_weight=1e-2, pseudo_positive_weight=0.1)
+    assert isinstance(loss_fn, ClosedFormSampledDistanceLoss)
+    assert {n for n, _ in loss_fn.named_parameters()} == {"log_scale", "shift"}
+    img, txt = _pcmepp_output(2, 4, seed=5), _pcmepp_output(4, 4, seed=6)
+    out = loss_fn(img, txt, torch.tensor([0, 0, 1, 1]))
+    assert {"loss", "matching", "pseudo_positive", "kl", "scale", "shift"} <= set(out)
+    assert all(not v.requires_grad for k, v in out.items() if k != "loss")
+    expected_kl = (kl_divergence_loss(img.mean, img.logsigma) + kl_divergence_loss(txt.mean, txt.logsigma)) / 4
+    torch.testing.assert_close(out["kl"], expected_kl.detach())
+    torch.testing.assert_close(out["loss"].detach(), out["matching"] + 0.1 * out["pseudo_positive"] + 1e-2 * out["kl"])
+    out["loss"].backward()
+    for name, param in loss_fn.named_parameters():
+        assert param.grad is not None and param.grad.abs() > 0, f"No gradient for {name}"
+    assert torch.isfinite(img.mean.grad).all() and txt.logsigma.grad.abs().sum() > 0
+    assert loss_fn.similarity_name == "csd" and loss_fn.similarity_kwargs() == {}
+    with pytest.raises(ValueError, match="needs img.mean"):
+        loss_fn(SetOutput(embeddings=img.embeddings), txt, torch.tensor([0, 0, 1, 1]))
+    with pytest.raises(ValueError, match="init_scale must be > 0"):
+        create_loss("pcmepp", init_scale=0.0)

@@ -17,7 +17,9 @@ from scipy.optimize import linear_sum_assignment
 from setemb.similarity import (
     _smooth_chamfer_pool,
     chamfer,
+    closed_form_sampled_distance,
     create_similarity,
+    csd_similarity,
     list_similarities,
     match_probability,
     max_similarity,
@@ -30,6 +32,7 @@ from setemb.similarity import (
 
 ALL = ["chamfer", "match_probability", "max_similarity", "mean_similarity", "pair_assignment", "smooth_chamfer"]
 COSINE_BASED = [n for n in ALL if n != "match_probability"]
+# `csd` (PCME++) compares (μ, σ) pairs [N, 2, D], not sets: its own tests are at the end of this file.
 KWARGS = {"match_probability": {"scale": 2.0, "shift": 1.0}}  # non-trivial values
 HYPOTHESIS = settings(max_examples=20, deadline=None)
 
@@ -87,7 +90,7 @@ def _naive(name: str, a: torch.Tensor, b: torch.Tensor, **kw) -> torch.Tensor:
 
 
 def test_registry_lists_every_similarity():
-    assert list_similarities() == ALL
+    assert list_similarities() == sorted([*ALL, "csd"])
 
 
 def test_create_similarity_binds_kwargs_and_rejects_unknown():
@@ -497,3 +500,88 @@ def test_log_match_probability_equals_log_of_probability_and_never_underflows() 
     assert (p[:, 5:] == 0).all()  # the plain probability ties every far pair at exactly 0
     assert torch.isfinite(log_p).all()
     assert (log_p[:, 5:10] > log_p[:, 10:]).all()  # nearer sets still rank higher
+
+
+# ------------------------------------------------------------------------------------------------ PCME++ CSD
+
+
+@st.composite
+def gaussians_B2D(draw, max_sets: int = 5, width: int | None = None) -> torch.Tensor:
+    """A batch of PCME++ (μ, σ) pairs [B, 2, D]: μ standard normal, σ = exp(N(0, 1)) > 0."""
+    B = draw(st.integers(1, max_sets))
+    D = width or draw(st.integers(1, 6))
+    x = _randn(B, 2, D, seed=draw(st.integers(0, 2**31 - 1)))
+    return torch.stack((x[:, 0], x[:, 1].exp()), dim=1)
+
+
+def _naive_csd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """−E‖Z_a − Z_b‖² from the definition, float64: ‖μ_a − μ_b‖² + Σσ_a² + Σσ_b², negated."""
+    a, b = a.double(), b.double()
+    d2 = ((a[:, None, 0] - b[None, :, 0]) ** 2).sum(-1)  # [N, M]
+    return -(d2 + (a[:, 1] ** 2).sum(-1)[:, None] + (b[:, 1] ** 2).sum(-1)[None, :])
+
+
+def test_csd_is_registered_and_matches_definition_with_finite_gradients():
+    assert "csd" in list_similarities()
+    a = torch.stack((_randn(3, 8, seed=1), _randn(3, 8, seed=2).exp()), 1).requires_grad_()  # [3, 2, 8]
+    b = torch.stack((_randn(5, 8, seed=3), _randn(5, 8, seed=4).exp()), 1).requires_grad_()  # [5, 2, 8]
+    s = csd_similarity(a, b)
+    assert s.shape == (3, 5) and s.dtype == torch.float32 and (s <= 0).all()
+    torch.testing.assert_close(s.double(), _naive_csd(a.detach(), b.detach()), rtol=1e-5, atol=1e-4)
+    (s * _randn(3, 5, seed=5)).sum().backward()
+    for x in (a, b):
+        assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+@HYPOTHESIS
+@given(gaussians_B2D(width=4), gaussians_B2D(width=4))
+def test_csd_is_expected_squared_distance_of_samples(a, b):
+    """Monte-Carlo E‖Z_a − Z_b‖² over 20k independent draws agrees with the closed form (M§4.4b)."""
+    gen = torch.Generator().manual_seed(0)
+    za = a[:, None, 0] + a[:, None, 1] * torch.randn(a.shape[0], 20000, 4, generator=gen, dtype=a.dtype)
+    zb = b[:, None, 0] + b[:, None, 1] * torch.randn(b.shape[0], 20000, 4, generator=gen, dtype=b.dtype)
+    mc = ((za[:, None] - zb[None]) ** 2).sum(-1).mean(-1)  # [N, M] paired draws: independent Z_a, Z_b
+    closed = closed_form_sampled_distance(a[:, 0], a[:, 1], b[:, 0], b[:, 1])
+    torch.testing.assert_close(mc, closed, rtol=0.1, atol=0.1)
+
+
+@HYPOTHESIS
+@given(gaussians_B2D(), st.floats(1e-6, 1e-3))
+def test_csd_sigma_to_zero_is_negative_squared_distance(a, tiny):
+    b = a.flip(0).clone()
+    a0, b0 = a.clone(), b.clone()
+    a0[:, 1], b0[:, 1] = tiny, tiny
+    expected = -(torch.cdist(a[:, 0].double(), b[:, 0].double()) ** 2)  # [N, M]
+    D = a.shape[2]
+    torch.testing.assert_close(csd_similarity(a0, b0).double(), expected, rtol=1e-4, atol=1e-4 + 2 * D * tiny**2)
+    torch.testing.assert_close(csd_similarity(a, b, use_sigma=False).double(), expected, rtol=1e-4, atol=1e-4)
+    # σ only adds the per-item constants Σσ²: it can only lower the score, never raise it
+    assert (csd_similarity(a, b) <= csd_similarity(a, b, use_sigma=False) + 1e-6).all()
+
+
+@HYPOTHESIS
+@given(gaussians_B2D(), gaussians_B2D(), st.randoms(use_true_random=False))
+def test_csd_is_symmetric_and_equivariant_to_item_permutations(a, b, rng):
+    if a.shape[2] != b.shape[2]:
+        b = torch.stack((_randn(b.shape[0], a.shape[2], seed=7), _randn(b.shape[0], a.shape[2], seed=8).exp()), 1)
+    s = csd_similarity(a, b)
+    torch.testing.assert_close(csd_similarity(b, a), s.T)
+    pa, pb = torch.randperm(len(a)), torch.randperm(len(b))
+    torch.testing.assert_close(csd_similarity(a[pa], b[pb]), s[pa][:, pb])
+    # the (μ, σ) rows are not interchangeable elements: swapping them is a different pair
+    assert csd_similarity(a.flip(1), b).shape == s.shape
+
+
+def test_csd_rejects_non_pairs_and_partial_masks_and_tiles_like_the_dense_matrix():
+    a = torch.stack((_randn(11, 8, seed=9), _randn(11, 8, seed=10).exp()), 1)
+    b = torch.stack((_randn(7, 8, seed=11), _randn(7, 8, seed=12).exp()), 1)
+    with pytest.raises(ValueError, match=r"\(mean, std\) pairs \[N, 2, D\]"):
+        csd_similarity(_randn(3, 4, 8), b)
+    with pytest.raises(ValueError, match="masks must be all True"):
+        csd_similarity(a, b, a_mask=torch.tensor([[True, False]] * 11))
+    torch.testing.assert_close(csd_similarity(a, b, a_mask=torch.ones(11, 2, dtype=torch.bool)), csd_similarity(a, b))
+    torch.testing.assert_close(score(a, b, "csd", block_size=(3, 4)), csd_similarity(a, b))
+    values, indices = score(a, b, "csd", topk=3)
+    torch.testing.assert_close(values, csd_similarity(a, b).topk(3, dim=1).values)
+    half = csd_similarity(a.bfloat16(), b.bfloat16())
+    assert half.dtype == torch.float32 and torch.isfinite(half).all()

@@ -13,7 +13,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from setemb.store import FeatureStore
+from setemb.feature_store import FeatureStore
 from stages.extract import app
 from tests.pipeline.test_extraction import break_images, make_shapes, store_arrays
 
@@ -130,7 +130,7 @@ def test_precomp_of_wrong_shape_exit_1(tmp_path: Path, shapes: Path) -> None:
 
 
 def test_glove_vocabulary_from_train_captions_only(tmp_path: Path, shapes: Path) -> None:
-    from pipeline.backbones import Vocabulary
+    from pipeline.text_backbones import Vocabulary
     from setemb.data import read_karpathy
 
     result = cli(tmp_path, shapes, "--text-backbone", "glove", "--limit", "2")

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.ray_train import load_model
+from pipeline.checkpoints import load_model
 from tests.pipeline.test_train_reliability import _tree, kill_tree
 from tests.stages.test_train import tiny_params_dict, write_store
 

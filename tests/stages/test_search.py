@@ -18,20 +18,19 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from pipeline.params import Params, load_params
+from pipeline.embedding import run_embed
+from pipeline.feature_cache import run_extract
+from pipeline.indexing import ITEMS_JSON, MANIFEST_JSON, run_index
+from pipeline.params import load_params
 from pipeline.query import QueryEncoder
 from pipeline.ray_train import run_training
 from pipeline.shapes import generate_shapes
 from setemb.data import read_karpathy
+from setemb.embedding_store import EmbeddingStore
 from setemb.index import SetIndex
 from setemb.similarity import score
-from setemb.store import EmbeddingStore
-from stages.embed import run_embed
-from stages.extract import run_extract
-from stages.index import ITEMS_JSON, MANIFEST_JSON, index_kwargs, run_index
 from stages.index import app as index_app
 from stages.search import app as search_app
-from stages.search import run_search
 
 runner = CliRunner()
 CPI, N_TEST, K, D, TOP = 2, 6, 2, 16, 3
@@ -73,10 +72,11 @@ def error_line(result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """shapes -> features -> model (1 short epoch, local mode) -> embeddings -> index (via the CLI)."""
-    root = tmp_path_factory.mktemp("search")
+def build_search_world(root: Path) -> dict:
+    """shapes -> features -> model (1 short epoch, local mode) -> embeddings -> index (via the CLI), under ``root``.
+
+    The session fixture ``built`` (tests/conftest.py) builds it once for this module and tests/pipeline/test_search.py.
+    """
     data = generate_shapes(root / "shapes", seed=0, train_images=8, val_images=1, test_images=N_TEST, image_size=64)
     params_file = write_params(root / "params.yaml", params_dict(root))
     params = load_params(params_file)
@@ -121,25 +121,6 @@ def test_help_exits_zero(app) -> None:
     assert result.exit_code == 0 and "--params" in result.stdout and "--model" in result.stdout
 
 
-@pytest.mark.parametrize(
-    ("index", "items", "expected"),
-    [
-        ({}, 1000, {"kind": "flat"}),
-        ({}, 200_000, {"kind": "ivf", "nlist": 1024, "nprobe": 32}),
-        ({"kind": "auto", "nlist": 256, "nprobe": 8}, 200_000, {"kind": "ivf", "nlist": 256, "nprobe": 8}),
-        ({"kind": "ivf"}, 100, {"kind": "ivf", "nlist": 10, "nprobe": 10}),  # 400 elements: 10 lists of 40 points
-        ({"kind": "hnsw", "hnsw_m": 16}, 100, {"kind": "hnsw", "hnsw_m": 16}),
-    ],
-)
-def test_index_kwargs_follow_params_and_size(tmp_path: Path, index: dict, items: int, expected: dict) -> None:
-    params = Params.model_validate(params_dict(tmp_path, **index))
-    kwargs = index_kwargs(params, items, 4)
-    assert {key: kwargs[key] for key in expected} == expected
-    assert kwargs["storage_dtype"] == "float32" and kwargs["candidates_per_element"] == 64
-    if kwargs["kind"] == "ivf":
-        assert kwargs["train_size"] >= min(items * 4, 40 * kwargs["nlist"])
-
-
 def test_empty_and_ambiguous_queries_exit_2_without_data(tmp_path: Path) -> None:
     for args in ([], [""], ["   "], ["a cat", "--image", "x.jpg"], ["a cat", "--k", "0"]):
         result = runner.invoke(search_app, [*args, "--params", str(tmp_path / "none.yaml")])
@@ -181,18 +162,6 @@ def test_index_errors_name_the_stage_to_run(built: dict, tmp_path: Path) -> None
     result = runner.invoke(index_app, ["--params", str(built["params_file"]), *args])
     assert result.exit_code == 1 and "dvc repro embed" in error_line(result)
     assert not (tmp_path / "ix").exists()
-
-
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
-def test_every_index_kind_returns_the_brute_force_top_k(built: dict, tmp_path: Path, kind: str) -> None:
-    params = Params.model_validate(params_dict(built["root"], kind=kind))
-    manifest = run_index(params, embeddings=built["root"] / "emb.zarr", model=built["root"] / "model",
-                         out=tmp_path / "ix", modalities=["image"])  # fmt: skip
-    assert manifest["indexes"]["image"]["kind"] == kind and not (tmp_path / "ix" / "text").exists()
-    result = run_search(params, query=QUERY, k=N_TEST, index=tmp_path / "ix", encoder=built["encoder"])
-    ids, scores = brute_force(built, built["encoder"].encode_text([QUERY]), "image", N_TEST)
-    assert [r["id"] for r in result.results] == ids
-    torch.testing.assert_close(torch.tensor([r["score"] for r in result.results]), scores, atol=1e-5, rtol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------- encoding
@@ -246,12 +215,6 @@ def test_image_query_returns_captions(built: dict) -> None:
     caption_of = dict(zip(split.caption_ids, split.captions, strict=True))
     for row in answer["results"]:
         assert row["caption"] == caption_of[row["id"]] and row["image"] in split.image_ids
-
-
-def test_k_larger_than_the_database_returns_every_item(built: dict) -> None:
-    result = run_search(built["params"], query=QUERY, k=50, encoder=built["encoder"])  # paths.* defaults
-    assert sorted(r["id"] for r in result.results) == sorted(built["split"].image_ids)
-    assert [r["rank"] for r in result.results] == list(range(1, N_TEST + 1))
 
 
 def test_search_errors_are_one_line_with_the_fix(built: dict, tmp_path: Path) -> None:

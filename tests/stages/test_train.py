@@ -1,4 +1,4 @@
-"""stages/train.py: CLI wiring, exit codes, the run-fingerprint resume rule, model export and dvclive files."""
+"""stages/train.py: CLI wiring, exit codes, the resume rule as the CLI sees it, model export and dvclive files."""
 
 from __future__ import annotations
 
@@ -13,12 +13,10 @@ import yaml
 import zarr
 from typer.testing import CliRunner
 
-from pipeline.params import load_params
-from setemb.store import FeatureStoreWriter
+from setemb.feature_store import FeatureStoreWriter
 from stages.embed import app as embed_app
 from stages.evaluate import app as evaluate_app
 from stages.train import app as train_app
-from stages.train import features_fingerprint, run_name_for
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -104,20 +102,6 @@ def train_cli(tmp_path: Path, features: Path, *extra: str, params: Path | None =
 def test_help_exits_zero(app) -> None:
     result = runner.invoke(app, ["--help"])
     assert result.exit_code == 0 and "--params" in result.stdout and "--debug" in result.stdout
-
-
-def test_run_name_changes_with_what_changes_the_result(tmp_path: Path, store: Path) -> None:
-    params = load_params(write_params(tmp_path / "p.yaml"))
-    digest = features_fingerprint(store)
-    name = run_name_for(params, digest)
-    assert name.startswith("train-") and len(name) == len("train-") + 12
-    neutral = tiny_params_dict(ray={"num_workers": 0, "max_failures": 3, "address": "auto", "cpus_per_worker": 2})
-    assert run_name_for(load_params(write_params(tmp_path / "q.yaml", neutral)), digest) == name
-    for change in ({"optim": {"epochs": 3}}, {"ray": {"num_workers": 2}}, {"limit_batches": 1}):
-        other = load_params(write_params(tmp_path / "r.yaml", tiny_params_dict(**change)))
-        assert run_name_for(other, digest) != name, change
-    assert features_fingerprint(write_store(tmp_path / "other.zarr", seed=1)) != digest
-    assert features_fingerprint(write_store(tmp_path / "same.zarr")) == digest
 
 
 def test_missing_store_exits_1_with_the_extract_hint(tmp_path: Path) -> None:

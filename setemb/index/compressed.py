@@ -1,7 +1,9 @@
 """Compressed set index: IVF-SQ8 / IVF-PQ element candidates (FAISS), exact set re-ranking from a Zarr store.
 
-`setemb.index.SetIndex` keeps float32 element copies inside FAISS plus float16 re-ranking vectors in RAM
-(1M sets x K=4 x D=256: 7.6 GB). `CompressedSetIndex` keeps only compressed element codes resident:
+Part of the ``setemb.index`` package: it reuses the element normalisation of ``candidates`` and the exact
+``paired_scores`` of ``rerank``. `setemb.index.SetIndex` keeps float32 element copies inside FAISS plus float16
+re-ranking vectors in RAM (1M sets x K=4 x D=256: 7.6 GB). `CompressedSetIndex` keeps only compressed element
+codes resident:
 
 * ``ivf_sq8``: ``IndexIVFScalarQuantizer`` (8-bit per dimension, D bytes per element; 4M x 256 -> 1.0 GB);
 * ``ivf_pq``: ``IndexIVFPQ`` (``pq_m`` sub-quantizers of ``pq_bits`` bits; 32 bytes per element at m=32).
@@ -14,7 +16,7 @@ Both hold 8-byte ids per element in their inverted lists. Search, for each query
    C-th (lowest) hit cosine of element l: an item without a hit for element l gets that element's upper bound, so
    ``p`` is the sum over query elements of (an approximation of) the best element cosine with g, the first half of
    Chamfer, which smooth-Chamfer is dominated by. The top ``rerank`` items by ``p`` go on (ties: lower row).
-3. **Exact re-ranking** of those items with the configured set similarity (as ``SetIndex.paired_scores``), reading
+3. **Exact re-ranking** of those items with the configured set similarity (``rerank.paired_scores``), reading
    their stored sets from a Zarr array (float16 or float32 ``[G, K, D]``; the embedding-store layout) through
    `RowCache`, an LRU cache bounded in bytes. Nothing else of the database is resident.
 
@@ -38,6 +40,8 @@ import torch
 import zarr
 from torch import Tensor
 
+from setemb.index.candidates import normalised
+from setemb.index.rerank import paired_scores
 from setemb.similarity import create_similarity
 
 logger = logging.getLogger(__name__)
@@ -47,9 +51,7 @@ _FORMAT = "setemb.compressed_index/1"
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
-    """Rows of ``x [n, D]`` L2-normalised (zero rows stay zero), float32, contiguous (FAISS inner product)."""
-    x = np.asarray(x, dtype=np.float32)
-    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+    return normalised(np.asarray(x, dtype=np.float32))
 
 
 class RowCache:
@@ -222,7 +224,8 @@ class CompressedSetIndex:
             if len(items) == 0:
                 continue
             candidates = torch.from_numpy(self.cache.get(items))  # [R, K, D]
-            sims = self._similarity(torch.from_numpy(q[i : i + 1]), candidates)[0].float()  # [R]
+            sims = paired_scores(torch.from_numpy(q[i : i + 1]), candidates[None], self.config["similarity"],
+                                 self.config["similarity_kwargs"], self._similarity)[0].float()  # [R]  # fmt: skip
             kk = min(k, len(items))
             top, order = torch.sort(sims, descending=True, stable=True)  # ties: lower row first (items ascending)
             scores[i, :kk], rows[i, :kk] = top[:kk], torch.from_numpy(items)[order[:kk]]

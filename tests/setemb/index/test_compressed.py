@@ -1,4 +1,4 @@
-"""setemb/compressed_index.py: the bounded row cache, exact scores and recall of IVF-SQ8 / IVF-PQ against brute force
+"""setemb/index/compressed.py: the bounded row cache, exact scores and recall of IVF-SQ8 / IVF-PQ against brute force
 on clustered sets, the proxy pre-rank, save/load, and its argument checks."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 import torch
 import zarr
 
-from setemb.compressed_index import CompressedSetIndex, RowCache
+from setemb.index.compressed import CompressedSetIndex, RowCache
 from setemb.similarity import score
 
 G, K, D = 1500, 4, 32

@@ -1,4 +1,4 @@
-"""Zarr feature store and embedding store: round trips, parallel units, resume, completion marker."""
+"""Zarr feature store: round trips, parallel units, resume, completion marker."""
 
 from __future__ import annotations
 
@@ -13,13 +13,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from setemb.store import (
-    EmbeddingStore,
-    EmbeddingStoreWriter,
-    FeatureStore,
-    FeatureStoreWriter,
-    IncompleteStoreError,
-)
+from setemb.feature_store import FeatureStore, FeatureStoreWriter
+from setemb.store import IncompleteStoreError
 
 D, DG = 5, 3
 
@@ -281,34 +276,3 @@ def test_ragged_lengths_and_string_ids_round_trip(lengths, unit_size, ids):
             assert torch.equal(image.local(i), torch.from_numpy(local[i].astype(np.float32)))
         lx, _, mask = image.load_to_memory().batch(np.arange(n))
         assert mask.sum(1).tolist() == lengths
-
-
-def test_embedding_store_round_trip(tmp_path):
-    rng = np.random.default_rng(3)
-    emb = torch.from_numpy(rng.normal(size=(7, 4, 6)).astype(np.float32))
-    att = rng.random(size=(7, 4, 5)).astype(np.float32)
-    w = EmbeddingStoreWriter(tmp_path / "e.zarr", attrs={"similarity": "smooth_chamfer"})
-    img = w.require_set("test/image", ids=range(7), num_embeddings=4, embed_dim=6, attention_tokens=5, unit_size=3)
-    txt = w.require_set("test/text", ids=["é", "b"], num_embeddings=4, embed_dim=6, caption_to_image=[0, 6])
-    img.write_unit(2, emb[6:], att[6:])
-    with pytest.raises(IncompleteStoreError, match="embedding store .* is incomplete .*`dvc repro embed`"):
-        EmbeddingStore.open(tmp_path / "e.zarr")
-    assert img.remaining_units() == [0, 1]
-    img.write_all(emb, att)
-    with pytest.raises(ValueError, match="units not written"):
-        w.finalize()
-    txt.write_all(emb[:2].numpy())
-    w.finalize()
-
-    store = EmbeddingStore.open(tmp_path / "e.zarr")
-    assert store.names == ["test/image", "test/text"] and store.attrs["similarity"] == "smooth_chamfer"
-    got = store["test/image"]
-    assert torch.equal(got.embeddings, emb) and np.array_equal(got.attention.numpy(), att)
-    assert got.ids == [str(i) for i in range(7)] and got.caption_to_image is None
-    t = store.get("test/text")
-    assert t.attention is None and t.ids == ["é", "b"] and t.caption_to_image.tolist() == [0, 6]
-    assert torch.equal(t.embeddings, emb[:2])
-    with pytest.raises(FileNotFoundError, match="`dvc repro embed`"):
-        EmbeddingStore.open(tmp_path / "missing.zarr")
-    with pytest.raises(ValueError, match="is not a setemb embedding store"):
-        EmbeddingStore.open(tmp_path / "e.zarr" / "test")

@@ -1,0 +1,96 @@
+"""What the streaming shuffle costs in accuracy: the demo model trained on `shapes` with each shuffle setting.
+
+Trains ``params.yaml``'s demo configuration on the extracted `shapes` features (``dvc repro extract`` first) with:
+
+* ``full``: a uniform permutation each epoch (what training did before it streamed; read item by item);
+* ``blocks``: the default (``train.data``: blocks of 64 images, 16 blocks per shuffle window);
+* ``tight``: blocks of 16 images, 2 per window (a 32-image shuffle buffer, smaller than one batch),
+
+over ``--seeds`` seeds each (same seeds for every setting: paired), embeds and evaluates the test split, and prints
+test RSUM per run, the mean and standard deviation per setting, and each setting's paired difference to ``full``
+with a 95% t-interval. Wall time: about one demo training per run (4-5 min on 2 idle cores).
+
+Usage: ``python benchmarks/bench_shuffle_quality.py [--seeds 0 1] [--settings full blocks tight]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "full": {"shuffle": "full"},
+    "blocks": {"shuffle": "blocks", "block_images": 64, "window_blocks": 16},
+    "tight": {"shuffle": "blocks", "block_images": 16, "window_blocks": 2},
+}
+
+
+def run_one(params, features: Path, relevance: str, work: Path) -> float:
+    from pipeline.embedding import run_embed
+    from pipeline.evaluation import run_evaluate
+    from pipeline.training import run_train
+
+    run_train(params, features=features, storage=work / "training", out=work / "model", quiet=True)
+    run_embed(params, features=features, model=work / "model", out=work / "embeddings.zarr", quiet=True)
+    metrics = run_evaluate(
+        params, embeddings=work / "embeddings.zarr", model=work / "model", relevance=relevance,
+        metrics=work / "metrics.json", plots=work / "plots",
+    )  # fmt: skip
+    return float(metrics["full"]["rsum"])
+
+
+def t_interval(diffs: list[float]) -> tuple[float, float]:
+    from scipy import stats
+
+    mean = statistics.fmean(diffs)
+    if len(diffs) < 2:
+        return mean, float("nan")
+    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    return mean, half
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--out", type=Path, default=None, help="write the runs as JSON here")
+    args = parser.parse_args(argv)
+
+    from pipeline.cli import setup_logging
+    from pipeline.params import Params, load_params
+
+    setup_logging(quiet=True)
+    base = load_params(args.params)
+    features = Path(base.paths.features)
+    rsum: dict[str, dict[int, float]] = {s: {} for s in args.settings}
+    for seed in args.seeds:
+        for setting in args.settings:
+            data = base.model_dump(mode="json")
+            data["seed"] = seed
+            data["train"]["data"].update(SETTINGS[setting])
+            params = Params.model_validate(data)
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory(prefix=f"shuffle-{setting}-{seed}-") as work:
+                rsum[setting][seed] = run_one(params, features, base.paths.relevance, Path(work))
+            took = time.perf_counter() - start
+            print(f"{setting:>6} seed {seed}: test RSUM {rsum[setting][seed]:.1f} ({took:.0f} s)", flush=True)
+    print("\nsetting  runs  mean RSUM  std   paired diff to full (95% CI)")
+    for setting in args.settings:
+        values = [rsum[setting][s] for s in args.seeds]
+        std = statistics.stdev(values) if len(values) > 1 else float("nan")
+        line = f"{setting:>7}  {len(values):>4}  {statistics.fmean(values):>9.1f}  {std:>4.1f}"
+        if setting != "full" and "full" in rsum:
+            mean, half = t_interval([rsum[setting][s] - rsum["full"][s] for s in args.seeds])
+            line += f"   {mean:+.1f} ± {half:.1f}"
+        print(line)
+    if args.out is not None:
+        args.out.write_text(json.dumps({"seeds": args.seeds, "rsum": rsum}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""The study driver: build the grids, extract the features once, run the missing cells, write docs/results.md.
+
+``run_study`` is the one call of ``stages/study.py``; the grids and the cell runner are ``pipeline.study_grid``, the
+engine (plan, cache, execution on Ray tasks) ``pipeline.study`` and the report ``pipeline.study_report``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.params import Params
+from pipeline.profiles import PROFILES_DIR
+from pipeline.study import JobOutcome, execute, plan
+from pipeline.study_grid import (
+    StudySettings,
+    build_grid,
+    ensure_features,
+    estimate_default_study,
+    run_cell,
+    study_base,
+)
+from pipeline.study_report import render_report
+
+logger = logging.getLogger("setemb.stage.study")
+
+
+def run_study(
+    params: Params,
+    *,
+    grids: list[str],
+    settings: StudySettings,
+    quick: bool = False,
+    workers: int = 0,
+    cache: Path = Path("artifacts/study"),
+    out: Path = Path("docs/results.md"),
+    features: Path | None = None,
+    profiles_dir: Path = PROFILES_DIR,
+    command: str = "python -m stages.study",
+    quiet: bool = True,
+) -> dict[str, Any]:
+    """Build the grids, run the missing cells, write the report ``out`` (with its plots beside it).
+
+    Returns:
+        ``{"cells": distinct cells, "ran": run now, "cached": read from the cache, "failed": [labels], "out": out}``.
+
+    Raises:
+        ParamsError: unknown grid or an invalid cell.
+    """
+    from pipeline.training import features_fingerprint
+
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    base = study_base(params, settings)
+    cells = [c for g in grids for c in build_grid(g, base, settings, profiles_dir)]  # validate before any work
+    features = ensure_features(params, Path(features or params.paths.features))
+    digest = features_fingerprint(features)
+    relevance = params.paths.relevance or None
+    cells, jobs = plan(cells, cache, features=features, features_digest=digest, relevance=relevance)
+
+    def progress(outcome: JobOutcome, finished: int, total: int) -> None:
+        state = "FAILED " + outcome.error if outcome.error else f"{outcome.seconds:.0f} s"
+        logger.warning("[%d/%d] %s: %s", finished, total, ", ".join(outcome.job.labels), state)
+
+    outcomes = execute(jobs, run_cell, workers=workers, quiet=quiet, on_done=progress)
+    estimate = estimate_default_study(outcomes, params, features, digest, max(workers, 1), profiles_dir)
+    text = render_report(
+        cells,
+        outcomes,
+        out=out,
+        grids=grids,
+        settings=settings,
+        quick=quick,
+        workers=workers,
+        wall_seconds=time.perf_counter() - start,
+        base=base,
+        estimate=estimate,
+        command=command,
+        load=load,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    failed = [o.job.labels[0] for o in outcomes if o.error]
+    return {
+        "cells": len(jobs),
+        "ran": sum(not o.cached for o in outcomes) - len(failed),
+        "cached": sum(o.cached for o in outcomes),
+        "failed": failed,
+        "out": str(out),
+    }

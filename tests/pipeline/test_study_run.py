@@ -1,0 +1,64 @@
+"""pipeline/study_run.py: real study runs on the tiny extracted shapes dataset (new variants reuse the cached model,
+a cell killed between two variants evaluates only what is missing)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pipeline.params import load_params
+from pipeline.study import read_record
+from pipeline.study_grid import QUIET_LOGGERS, StudySettings
+from pipeline.study_run import run_study
+from tests.pipeline.test_profiles import tiny_dataset
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """params.yaml of the tiny dataset shared with test_profiles (generated and extracted once per session)."""
+    return tiny_dataset(tmp_path_factory.getbasetemp() / "tiny_study_data")
+
+
+@pytest.fixture(autouse=True)
+def _restore_quieted_loggers() -> Iterator[None]:
+    """A cell run in-process sets ``QUIET_LOGGERS`` to WARNING; undo it so later tests' caplog sees INFO records."""
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, tiny: Path) -> None:
+    params = load_params(tiny)
+    settings = StudySettings(epochs=1, limit_batches=2, seeds=1)
+    out, cache = tmp_path / "results.md", tmp_path / "cache"
+    summary = run_study(params, grids=["smoke"], settings=settings, cache=cache, out=out, workers=0)
+    assert summary["ran"] == 2
+    dive_dir = next(d for d in cache.iterdir() if "smoke:dive:seed0" in read_record(d)["labels"])
+    model_stamp = (dive_dir / "model" / "model.pt").stat().st_mtime_ns
+    train = read_record(dive_dir)["train"]
+    # the element ablation is the same model with 8 more evaluations: no retraining
+    summary = run_study(params, grids=["elements"], settings=settings, cache=cache, out=out, workers=0)
+    record = read_record(dive_dir)
+    assert summary == {**summary, "cells": 1, "ran": 1, "cached": 0}
+    assert record["train"] == train and (dive_dir / "model" / "model.pt").stat().st_mtime_ns == model_stamp
+    # K = 2: "all but 0" is "only 1", so 1 + 2 + 2 distinct evaluations serve the 9 rows
+    assert len(record["variants"]) == 5
+    report = out.read_text()
+    only_1 = next(line for line in report.splitlines() if line.startswith("| image: only 1 |"))
+    assert (
+        only_1.split("|")[2]
+        == next(line for line in report.splitlines() if "| image: all but 0 |" in line).split("|")[2]
+    )
+    # a kill between two variants: the next run evaluates only what is missing
+    lost = next(k for k, v in record["variants"].items() if v["name"] == "text_only_1")
+    del record["variants"][lost]
+    (dive_dir / "metrics.json").write_text(json.dumps(record))
+    summary = run_study(params, grids=["elements"], settings=settings, cache=cache, out=out, workers=0)
+    again = read_record(dive_dir)
+    assert summary["ran"] == 1 and lost in again["variants"] and again["train"] == train
+    assert again["variants"][lost]["metrics"] == json.loads((dive_dir / "eval" / f"{lost}.json").read_text())
