@@ -113,7 +113,8 @@
   });
 
   call("/health").then(function (h) {
-    var sizes = Object.keys(h.databases).map(function (db) { return h.databases[db] + " " + db + "s"; });
+    var names = { image: "images", text: "captions" };
+    var sizes = Object.keys(h.databases).map(function (db) { return h.databases[db] + " " + (names[db] || db); });
     $("meta").textContent = "split " + h.split + " \u00b7 " + sizes.join(", ") + " \u00b7 " + h.similarity.name;
   }).catch(function (err) { showError(err.message); });
 }());
