@@ -19,14 +19,24 @@ Measured in ONE process (``ru_maxrss`` is the process peak):
 * resident memory after each phase;
 * a sweep of ``candidates_per_element`` (and ``nprobe`` / ``ef_search``): recall@10 and batched ms/query.
 
-Usage: ``python benchmarks/bench_search.py --n 100000`` (dev) or ``python benchmarks/bench_search.py`` (1M).
+Compressed kinds (``--compressed ivf_sq8,ivf_pq``, `setemb.index.compressed.CompressedSetIndex`): the database is
+also written as a float16 Zarr array (``--store``, ``--store-chunk`` rows per chunk, uncompressed), each kind keeps
+only its element codes resident, pre-ranks candidates by a proxy score and re-ranks the top ``--rerank`` exactly
+from the store through a ``--cache-mb`` LRU cache. A trade-off table (memory, recall@10, latency, build) compares
+every kind built in the run; ``--skip-setindex`` leaves out the float ``SetIndex`` (7.6 GB at 1M).
+
+Usage: ``python benchmarks/bench_search.py --n 100000`` (dev) or ``python benchmarks/bench_search.py`` (1M);
+``python benchmarks/bench_search.py --compressed ivf_sq8,ivf_pq --skip-setindex`` (compressed kinds only).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import resource
+import shutil
+import tempfile
 import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and faiss ship separate OpenMP runtimes: no spinning
@@ -35,6 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from setemb.index import SetIndex, default_index_params  # noqa: E402
+from setemb.index.compressed import CompressedSetIndex  # noqa: E402
 from setemb.similarity import score  # noqa: E402
 
 
@@ -127,6 +138,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alpha", type=float, default=16.0, help="smooth-Chamfer temperature")
     p.add_argument("--block", type=int, default=65536, help="sets per generation / add block")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compressed", default="", help="compressed kinds to add, e.g. ivf_sq8,ivf_pq")
+    p.add_argument("--skip-setindex", action="store_true", help="do not build the float SetIndex (memory)")
+    p.add_argument("--rerank", type=int, default=32, help="compressed: items re-ranked exactly per query")
+    p.add_argument("--pq-m", type=int, default=32, help="compressed ivf_pq: sub-quantizers (bytes per element)")
+    p.add_argument("--cache-mb", type=int, default=64, help="compressed: re-ranking row cache bound")
+    p.add_argument("--store", default="", help="compressed: float16 Zarr store path (default: a temp dir)")
+    p.add_argument("--store-chunk", type=int, default=16, help="compressed: sets per Zarr chunk")
     args = p.parse_args(argv)
     K, D, k = args.k, args.dim, 10
     rss0 = _rss_gb()
@@ -135,13 +153,135 @@ def main(argv: list[str] | None = None) -> None:
     database, queries, _ = make_data(args)
     t_data = time.perf_counter() - t0
     rss_data = _rss_gb()
-
     params = default_index_params(args.n, K) if args.kind == "auto" else {"kind": args.kind}
     params.update({key: v for key, v in (("nlist", args.nlist), ("nprobe", args.nprobe)) if v})
+    sample = database[np.random.default_rng(1).choice(args.n, min(args.n, 100_000 // K), replace=False)]
+
+    # Exact brute force on the first gt-queries (float32 database, no index).
+    db_t, q_t = torch.from_numpy(database), torch.from_numpy(queries)
+    G = args.gt_queries
+    t0 = time.perf_counter()
+    _, exact = _brute_force(q_t[:G], db_t, k, args.alpha)
+    t_bf_batch = time.perf_counter() - t0
+    bf_times = []
+    for i in range(args.bf_latency_queries):
+        t0 = time.perf_counter()
+        _brute_force(q_t[i : i + 1], db_t, k, args.alpha)
+        bf_times.append(time.perf_counter() - t0)
+    bf_p50, bf_p99 = _percentiles(bf_times)
+    title = f"N={args.n:,} sets, K=L={K}, D={D}, Q={len(queries):,}, smooth-Chamfer alpha={args.alpha}"
+    tradeoff: list[tuple] = []  # (kind, settings, resident GB, RSS growth GB, recall, p50, p99, build s)
+    if not args.skip_setindex:
+        tradeoff.append(_bench_setindex(args, params, database, queries, sample, exact, title, t_data, rss0, rss_data,
+                                        (t_bf_batch, bf_p50, bf_p99)))  # fmt: skip
+        gc.collect()
+    kinds = [kind for kind in args.compressed.split(",") if kind]
+    if kinds:
+        store = args.store or tempfile.mkdtemp(prefix="bench_search_store.")
+        try:
+            array, t_store = _write_store(database, store, args.store_chunk, args.block)
+            for kind in kinds:
+                tradeoff.append(_bench_compressed(args, kind, params, database, queries, sample, array, exact))
+                gc.collect()
+        finally:
+            if not args.store:
+                shutil.rmtree(store, ignore_errors=True)
+        print(f"\nfloat16 Zarr store for re-ranking: {args.n:,} sets in {args.store_chunk}-set chunks, "
+              f"written in {t_store:.1f} s ({database.nbytes / 2 / 1e9:.2f} GB on disk)")  # fmt: skip
+    print(f"\n### index kinds: {title}; recall@10 on {G} queries, latency 1 query per call over {len(queries)}\n")
+    print("| kind | settings | resident index memory | RSS growth in build | recall@10 | p50 / p99 ms | build s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for kind, settings, resident, growth, recall, p50, p99, build in tradeoff:
+        print(f"| {kind} | {settings} | {resident} | {growth:.2f} GB | {recall:.4f} | {p50:.1f} / {p99:.1f} | "
+              f"{build:.1f} |")  # fmt: skip
+    print(f"\npeak RSS (ru_maxrss, whole process, including the float32 database and brute-force tiles): "
+          f"{_peak_gb():.2f} GB")  # fmt: skip
+
+
+def _latency(index, queries: np.ndarray, k: int) -> tuple[float, float, float]:
+    """``(p50 ms, p99 ms, batched ms/query)``: one query per call over all queries, then one call for all."""
+    times = []
+    for i in range(len(queries)):
+        t0 = time.perf_counter()
+        index.search(queries[i : i + 1], k)
+        times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    index.search(queries, k)
+    p50, p99 = _percentiles(times)
+    return p50, p99, (time.perf_counter() - t0) / len(queries) * 1e3
+
+
+def _write_store(database: np.ndarray, path: str, chunk: int, block: int):
+    """The database as a float16 Zarr array ``[N, K, D]`` (uncompressed: float features barely compress)."""
+    import zarr
+
+    t0 = time.perf_counter()
+    array = zarr.create_array(path, shape=database.shape, chunks=(chunk, *database.shape[1:]), dtype="float16",
+                              compressors=None, overwrite=True)  # fmt: skip
+    step = max(chunk, block // chunk * chunk)
+    for start in range(0, len(database), step):
+        array[start : start + step] = database[start : start + step].astype(np.float16)
+    return zarr.open_array(path, mode="r"), time.perf_counter() - t0
+
+
+def _bench_compressed(args, kind: str, params: dict, database, queries, sample, array, exact) -> tuple:
+    K, D, k, G = args.k, args.dim, 10, args.gt_queries
+    nlist = params.get("nlist") or 1024
+    nprobe = params.get("nprobe") or max(16, nlist // 32)
+    index = CompressedSetIndex(D, K, kind=kind, nlist=nlist, nprobe=nprobe, pq_m=args.pq_m,
+                               candidates_per_element=args.candidates, rerank=args.rerank,
+                               similarity_kwargs={"alpha": args.alpha}, cache_bytes=args.cache_mb << 20)  # fmt: skip
+    rss_before = _rss_gb()
+    t0 = time.perf_counter()
+    index.train(sample)
+    t_train = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for start in range(0, args.n, args.block):
+        index.add(database[start : start + args.block])
+    index.attach(array)
+    t_add = time.perf_counter() - t0
+    gc.collect()
+    growth = _rss_gb() - rss_before
+    _, found = index.search(queries[:G], k)
+    recall = _recall(found, exact)
+    index.cache.clear()  # latency from a cold cache: the recall pass must not pre-load the same queries' rows
+    p50, p99, batched = _latency(index, queries, k)
+    memory = index.memory_bytes()
+    resident = (memory["codes"] + memory["ids"] + memory["coarse"] + index.cache.nbytes) / 1e9
+    detail = (f"codes {memory['codes'] / 1e9:.2f} + ids {memory['ids'] / 1e9:.2f} + coarse "
+              f"{memory['coarse'] / 1e6:.0f} MB + cache {index.cache.nbytes / 1e6:.0f} MB "
+              f"(bound {args.cache_mb} MiB)")  # fmt: skip
+    print(f"\n{kind}: nlist {nlist}, nprobe {nprobe}, C {args.candidates}, rerank {args.rerank}"
+          f"{f', pq_m {args.pq_m}' if kind == 'ivf_pq' else ''}: build {t_train:.1f} s + {t_add:.1f} s; {detail}; "
+          f"recall@10 {recall:.4f}; p50 / p99 {p50:.2f} / {p99:.2f} ms; batched {batched:.2f} ms/query; "
+          f"cache hits {index.cache.hits} / misses {index.cache.misses}")  # fmt: skip
+    sweep = []
+    index.cache.clear()
+    for c, r in ((args.candidates, args.rerank // 2), (args.candidates, args.rerank * 2), (args.candidates // 2,
+                 args.rerank), (args.candidates, args.rerank * 4)):  # fmt: skip
+        index.candidates_per_element, index.rerank = c, max(1, r)
+        _, f = index.search(queries[:G], k)
+        index.cache.clear()
+        t0 = time.perf_counter()
+        for i in range(G, min(G + 100, len(queries))):  # other queries than the recall pass: cold rows
+            index.search(queries[i : i + 1], k)
+        ms = (time.perf_counter() - t0) / max(1, min(100, len(queries) - G)) * 1e3
+        sweep.append(f"C={c} rerank={max(1, r)}: recall {_recall(f, exact):.4f}, {ms:.1f} ms/query")
+    print(f"  {kind} sweep: " + "; ".join(sweep))
+    settings = f"nlist {nlist}, nprobe {nprobe}, C {args.candidates}, rerank {args.rerank}"
+    if kind == "ivf_pq":
+        settings += f", m {args.pq_m}"
+    return (kind, settings, f"{resident:.2f} GB", growth, recall, p50, p99, t_train + t_add)
+
+
+def _bench_setindex(args, params, database, queries, sample, exact, title, t_data, rss0, rss_data, bf) -> tuple:
+    """The float ``SetIndex`` (FAISS float32 elements + float16 re-rank vectors in RAM): the original table."""
+    K, D, k, G = args.k, args.dim, 10, args.gt_queries
+    t_bf_batch, bf_p50, bf_p99 = bf
     index = SetIndex(D, K, similarity_kwargs={"alpha": args.alpha}, candidates_per_element=args.candidates,
                      ef_search=args.ef_search, storage_dtype=args.storage_dtype, **params)  # fmt: skip
     t0 = time.perf_counter()
-    index.train(database[np.random.default_rng(1).choice(args.n, min(args.n, 100_000 // K), replace=False)])
+    index.train(sample)
     t_train = time.perf_counter() - t0
     t0 = time.perf_counter()
     for start in range(0, args.n, args.block):
@@ -159,19 +299,6 @@ def main(argv: list[str] | None = None) -> None:
         index.search(queries[i : i + 1], k)
         times.append(time.perf_counter() - t0)
     idx_p50, idx_p99 = _percentiles(times)
-
-    # Exact brute force on the first gt-queries (float32 database, no index).
-    db_t, q_t = torch.from_numpy(database), torch.from_numpy(queries)
-    G = args.gt_queries
-    t0 = time.perf_counter()
-    _, exact = _brute_force(q_t[:G], db_t, k, args.alpha)
-    t_bf_batch = time.perf_counter() - t0
-    bf_times = []
-    for i in range(args.bf_latency_queries):
-        t0 = time.perf_counter()
-        _brute_force(q_t[i : i + 1], db_t, k, args.alpha)
-        bf_times.append(time.perf_counter() - t0)
-    bf_p50, bf_p99 = _percentiles(bf_times)
     recall = _recall(found[:G], exact)
     self_hit = float(np.mean([int(exact[i, 0]) in set(found[i].tolist()) for i in range(G)]))
 
@@ -197,7 +324,6 @@ def main(argv: list[str] | None = None) -> None:
         _, f = index.search(queries[:G], k)
         sweep.append((c, v, _recall(f, exact), (time.perf_counter() - t0) / G * 1e3))
 
-    title = f"N={args.n:,} sets, K=L={K}, D={D}, Q={len(queries):,}, smooth-Chamfer alpha={args.alpha}"
     kind = params["kind"] + "".join(f" {key}={v}" for key, v in params.items() if key != "kind")
     rows = [
         ("index", f"{kind}, C={args.candidates}, re-rank vectors {args.storage_dtype}"),
@@ -225,6 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n| C | {knob or '-'} | recall@10 ({G} queries) | batched ms/query |\n| --- | --- | --- | --- |")
     for c, v, r, ms in sweep:
         print(f"| {c} | {v if knob else '-'} | {r:.4f} | {ms:.2f} |")
+    growth = rss_index - rss_data
+    knobs = "".join(f"{key} {v}, " for key, v in params.items() if key != "kind")
+    return (params["kind"], f"{knobs}C {args.candidates}, float32 elements + {args.storage_dtype} vectors in RAM",
+            f"{growth:.2f} GB (RSS)", growth, recall, idx_p50, idx_p99, t_train + t_add)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -162,24 +162,31 @@ class QueryEncoder:
         return out.embeddings.float().cpu()  # [B, L, D]
 
     @torch.inference_mode()
-    def encode_images(self, paths: Sequence[str | os.PathLike]) -> Tensor:
+    def encode_images(
+        self, paths: Sequence[str | os.PathLike | Any], *, return_attention: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor | None]:
         """Image sets (M§1 image tower over the frozen visual backbone).
 
         Args:
-            paths: B image files.
+            paths: B image files, or decoded RGB ``PIL.Image`` objects (an HTTP upload).
+            return_attention: also return the head's attention of each element over the backbone grid.
 
         Returns:
-            ``[B, K, D]`` float32 on CPU, rows L2-normalised.
+            ``[B, K, D]`` float32 on CPU, rows L2-normalised; with ``return_attention`` the pair
+            ``(embeddings, attention [B, K, N] float32 or None)`` (N grid cells, row-major).
 
         Raises:
             BadImageError: a file is missing or not a decodable image.
         """
+        from PIL import Image
+
         from pipeline.image_backbones import decode_image
 
         if not paths:
             raise ValueError("paths must name at least one image")
         visual = self.visual_backbone
-        images = torch.stack([visual.preprocess(decode_image(p)) for p in paths])  # [B, 3, H, W]
+        decoded = [p if isinstance(p, Image.Image) else decode_image(p) for p in paths]
+        images = torch.stack([visual.preprocess(im) for im in decoded])  # [B, 3, H, W]
         local, global_, _ = visual(images)  # [B, N, C], [B, C]
         B, N, _ = local.shape
         dtype = self.extract.dtype
@@ -187,7 +194,10 @@ class QueryEncoder:
         out = self.model.encode_image(
             _storage_round(local, dtype).to(self.device), _storage_round(global_, dtype).to(self.device), mask
         )
-        return out.embeddings.float().cpu()  # [B, K, D]
+        embeddings = out.embeddings.float().cpu()  # [B, K, D]
+        if not return_attention:
+            return embeddings
+        return embeddings, None if out.attention is None else out.attention[:, :, :N].float().cpu()  # [B, K, N]
 
 
 __all__ = ["QueryEncoder", "model_digest", "read_model_config"]
