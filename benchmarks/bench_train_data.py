@@ -14,10 +14,10 @@ image, 8-20 tokens), about 17 GB on disk at ``--scale 1`` — then runs a Ray Tr
 
 sampling the worker's RSS every 20 ms in both. Prints per worker: peak RSS above the idle worker in each phase (the
 model step's own activations and optimizer state are in both; the difference is the data path), batches/s of both
-paths and their ratio (stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read. With ``--ray-data N``
-it also reads N images without a model, once through ``epoch_batches`` and once through Ray Data (``map_batches``
-over the same blocks + ``iter_torch_batches`` with a one-window shuffle buffer), and prints both rates. The store is
-reused by later runs with the same ``--scale`` and ``--seed``.
+paths and their ratio (stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read.
+With ``--ray-data N`` it also reads N images without a model, once through ``epoch_batches`` and once through Ray
+Data (``map_batches`` over the same blocks + ``iter_torch_batches`` with a one-window shuffle buffer), and prints both
+rates. The store is reused by later runs with the same ``--scale`` and ``--seed``.
 
 Usage: ``python benchmarks/bench_train_data.py --scale 0.1 [--dir /tmp/bench_train_data] [--steps 20]``
 """

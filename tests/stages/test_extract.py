@@ -83,8 +83,8 @@ def test_unknown_backbone_is_a_usage_error(tmp_path: Path, shapes: Path) -> None
 
 def test_device_cuda_without_cuda_exit_1_and_compute_enters_the_fingerprint(tmp_path: Path, shapes: Path) -> None:
     from pipeline.devices import Compute
-    from pipeline.params import ExtractParams
     from pipeline.feature_cache import fingerprint
+    from pipeline.params import ExtractParams
 
     if not __import__("torch").cuda.is_available():
         result = cli(tmp_path, shapes, "--device", "cuda")
