@@ -33,7 +33,8 @@ import time
 
 import torch
 
-from setemb.similarity import _block_sizes, score
+from setemb.similarity import score
+from setemb.similarity.scoring import _block_sizes
 
 MEASUREMENTS = ("score", "reference", "matmul", "matmul_tiled")
 

@@ -21,18 +21,8 @@ from typing import Any
 from pipeline.cli import set_offline_env
 from pipeline.params import Params, ParamsError
 from pipeline.profiles import PROFILES_DIR, SYSTEM_PROFILES, load_profile, merge_overlay, validate_merged
-from pipeline.study import (
-    PAPER_SIMILARITY_X_HEAD,
-    SWEEP_SYMBOL,
-    Cell,
-    CellJob,
-    JobOutcome,
-    Variant,
-    missing_variants,
-    plan,
-    read_record,
-    write_record,
-)
+from pipeline.study import Cell, CellJob, JobOutcome, Variant, missing_variants, plan, read_record, write_record
+from pipeline.study_verdict import PAPER_SIMILARITY_X_HEAD, SWEEP_SYMBOL
 
 logger = logging.getLogger("setemb.stage.study")
 QUIET_LOGGERS = ("pipeline.ray_train", "setemb", "ray", "ray.train", "stages")  # WARNING and up while a cell runs

@@ -1,5 +1,5 @@
 """The study report (docs/results.md): Tables 1-5-shaped markdown tables next to the paper's numbers, RSUM sweep
-plots, the setting, the wall time and the verdict of ``pipeline.study``.
+plots, the setting, the wall time and the verdict of ``pipeline.study_verdict``.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.cli import git_sha
-from pipeline.study import (
+from pipeline.study import Cell, JobOutcome
+from pipeline.study_grid import HEADS, SIMILARITIES, StudySettings
+from pipeline.study_verdict import (
     PAPER_ELEMENTS,
     PAPER_MAIN,
     PAPER_SIMILARITY_X_HEAD,
     PAPER_SWEEPS,
     SWEEP_SYMBOL,
-    Cell,
-    JobOutcome,
     Row,
     aggregate,
     collect,
@@ -28,7 +28,6 @@ from pipeline.study import (
     seed_noise,
     verdict,
 )
-from pipeline.study_grid import HEADS, SIMILARITIES, StudySettings
 
 
 def _num(value: float | None, digits: int = 1) -> str:

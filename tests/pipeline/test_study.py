@@ -1,5 +1,5 @@
-"""pipeline/study.py: cell fingerprints (what changes the trained model, what does not), seed noise, and the
-verdict rules (directions against the seed noise, tied rows left out)."""
+"""pipeline/study.py: cell fingerprints (what changes the trained model, what does not); pipeline/study_verdict.py:
+seed noise and the verdict rules (directions against the seed noise, tied rows left out)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import json
 import math
 
 from pipeline.params import Params
-from pipeline.study import Row, Variant, cell_fingerprint, compare, seed_noise, verdict
+from pipeline.study import Variant, cell_fingerprint
+from pipeline.study_verdict import Row, compare, seed_noise, verdict
 
 
 def test_fingerprint_ignores_neutral_settings_only() -> None:

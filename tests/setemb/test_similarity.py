@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from scipy.optimize import linear_sum_assignment
 
 from setemb.similarity import (
-    _smooth_chamfer_pool,
     chamfer,
     closed_form_sampled_distance,
     create_similarity,
@@ -29,6 +28,7 @@ from setemb.similarity import (
     sinkhorn,
     smooth_chamfer,
 )
+from setemb.similarity.kernels import _smooth_chamfer_pool
 
 ALL = ["chamfer", "match_probability", "max_similarity", "mean_similarity", "pair_assignment", "smooth_chamfer"]
 COSINE_BASED = [n for n in ALL if n != "match_probability"]
