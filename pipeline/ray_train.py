@@ -313,14 +313,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     elif config.get("resume_from"):
         state = load_checkpoint(Path(config["resume_from"]), **objects)
     start_epoch = int(state["epoch"]) + 1
+    channel = config.get("console") if rank == 0 else None
     if rank == 0 and start_epoch > 0:
-        logger.info("resuming at epoch %d (best val RSUM so far %s)", start_epoch, state["best_rsum"])
+        note = f"resuming at epoch {start_epoch} (best val RSUM so far {state['best_rsum']})"
+        if channel is not None:  # the driver's console shows it (worker logs reach it only with --debug)
+            channel.put_nowait({"note": note})
+        else:
+            logger.info("%s", note)
 
     ddp_model = ray.train.torch.prepare_model(model)
     after_backward = _loss_grad_sync(loss_params, world_size)
     stop = optim.epochs if config.get("stop_after_epochs") is None else min(optim.epochs, config["stop_after_epochs"])
     live = _open_live(config.get("dvclive_dir"), resume=start_epoch > 0) if rank == 0 else None
-    channel = config.get("console") if rank == 0 else None
     show_bar = rank == 0 and not config.get("quiet") and sys.stderr.isatty()
     run_dir = Path(config["run_dir"]) if config.get("run_dir") else None
 

@@ -66,6 +66,9 @@ class DriverConsole:
         self._thread.start()
 
     def _show(self, item: dict[str, Any]) -> None:
+        if "note" in item:  # a one-off line from rank 0 (e.g. where a resumed run starts)
+            logger.info("%s", item["note"])
+            return
         if "summary" in item:
             if self.bar is not None:
                 self.bar.close()
