@@ -72,6 +72,38 @@ def block_shuffled_order(bounds: np.ndarray, *, window_blocks: int, seed: int, e
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
+class RaggedTable:
+    """What both feature tables (in memory: ``setemb.training.FeatureTable``; streamed: ``StreamingTable``) derive
+    from their ``local`` rows, ``global_`` features and ``lengths``."""
+
+    local: Any
+    global_: Any | None
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def is_tokens(self) -> bool:
+        """True when ``local`` holds token ids (``[R]`` integers) rather than feature rows."""
+        return len(self.local.shape) == 1
+
+    @property
+    def local_dim(self) -> int | None:
+        """D of the local rows; None for token ids."""
+        return None if self.is_tokens else int(self.local.shape[1])
+
+    @property
+    def global_dim(self) -> int | None:
+        """Dg of the global features; None when absent."""
+        return None if self.global_ is None else int(self.global_.shape[1])
+
+    @property
+    def max_length(self) -> int:
+        """The longest item (at least 1): N of a batch holding every item."""
+        return max(1, int(self.lengths.max(initial=0)))
+
+
 class _Block:
     __slots__ = ("first_row", "local", "global_")
 
@@ -79,7 +111,7 @@ class _Block:
         self.first_row, self.local, self.global_ = first_row, local, global_
 
 
-class StreamingTable:
+class StreamingTable(RaggedTable):
     """The ragged features of one modality of one split, read block by block from the store (``FeatureTable``'s
     ``gather`` contract without holding the split).
 
@@ -105,7 +137,7 @@ class StreamingTable:
         *,
         cache_blocks: int,
     ) -> None:
-        self.local_array, self.global_array = local, global_
+        self.local, self.global_ = local, global_
         self.starts = np.asarray(starts, dtype=np.int64)
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.bounds = np.asarray(bounds, dtype=np.int64)
@@ -120,7 +152,6 @@ class StreamingTable:
         self._cache: OrderedDict[int, _Block] = OrderedDict()
         self._lock = threading.Lock()  # the prefetch thread and validation may gather concurrently
         self.blocks_read = self.rows_read = 0
-        self._is_tokens = len(local.shape) == 1
 
     @classmethod
     def from_features(cls, features: Any, block_items: int, cache_blocks: int) -> StreamingTable:
@@ -136,25 +167,6 @@ class StreamingTable:
             cache_blocks=cache_blocks,
         )
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def is_tokens(self) -> bool:
-        return self._is_tokens
-
-    @property
-    def local_dim(self) -> int | None:
-        return None if self.is_tokens else int(self.local_array.shape[1])
-
-    @property
-    def global_dim(self) -> int | None:
-        return None if self.global_array is None else int(self.global_array.shape[1])
-
-    @property
-    def max_length(self) -> int:
-        return max(1, int(self.lengths.max(initial=0)))
-
     def _block(self, b: int) -> _Block:
         with self._lock:
             block = self._cache.get(b)
@@ -166,8 +178,8 @@ class StreamingTable:
             first, last = int(self.starts[lo:hi].min()), int(ends.max())
             if last - first != int(self.lengths[lo:hi].sum()):
                 raise ValueError(f"items {lo}..{hi - 1} are not one contiguous row range; use unit-aligned blocks")
-            local = np.asarray(self.local_array[first:last])
-            glob = None if self.global_array is None else np.asarray(self.global_array[lo:hi])
+            local = np.asarray(self.local[first:last])
+            glob = None if self.global_ is None else np.asarray(self.global_[lo:hi])
             block = _Block(first, local, glob)
             self.blocks_read += 1
             self.rows_read += last - first
@@ -189,7 +201,7 @@ class StreamingTable:
         mask = pos[None, :] < lens[:, None]  # [B, N]
         item_shape = () if self.is_tokens else (self.local_dim,)
         padded = np.zeros((B, N, *item_shape), dtype=np.int64 if self.is_tokens else np.float32)
-        glob = None if self.global_array is None else np.zeros((B, self.global_dim), dtype=np.float32)
+        glob = None if self.global_ is None else np.zeros((B, self.global_dim), dtype=np.float32)
         which = np.searchsorted(self.bounds, idx, side="right") - 1  # [B] block of each item
         for b in np.unique(which):
             sel = np.flatnonzero(which == b)

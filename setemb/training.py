@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from setemb.metrics import recall_at_k
 from setemb.similarity import score
-from setemb.streaming import StreamingTable, block_shuffled_order
+from setemb.streaming import RaggedTable, StreamingTable, block_shuffled_order
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class NonFiniteLossError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------------- feature tables
 @dataclass
-class FeatureTable:
+class FeatureTable(RaggedTable):
     """The ragged features of one modality of one split, in RAM.
 
     Attributes:
@@ -67,29 +67,6 @@ class FeatureTable:
             self.global_ = np.asarray(self.global_)
             if self.global_.ndim != 2 or len(self.global_) != S:
                 raise ValueError(f"global_ must be [{S}, Dg], got {self.global_.shape}")
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @property
-    def is_tokens(self) -> bool:
-        """True when ``local`` holds token ids (``[R]`` integers) rather than feature rows."""
-        return self.local.ndim == 1
-
-    @property
-    def local_dim(self) -> int | None:
-        """D of the local rows; None for token ids."""
-        return None if self.is_tokens else int(self.local.shape[1])
-
-    @property
-    def global_dim(self) -> int | None:
-        """Dg of the global features; None when absent."""
-        return None if self.global_ is None else int(self.global_.shape[1])
-
-    @property
-    def max_length(self) -> int:
-        """The longest item (at least 1): N of a batch holding every item."""
-        return max(1, int(self.lengths.max(initial=0)))
 
     def gather(self, indices: Sequence[int] | np.ndarray) -> Batch:
         """Padded batch of items.
