@@ -10,7 +10,9 @@ over ``--seeds`` seeds each (same seeds for every setting: paired), embeds and e
 test RSUM per run, the mean and standard deviation per setting, and each setting's paired difference to ``full``
 with a 95% t-interval. Wall time: about one demo training per run (4-5 min on 2 idle cores).
 
-Usage: ``python benchmarks/bench_shuffle_quality.py [--seeds 0 1] [--settings full blocks tight]``
+Usage: ``python benchmarks/bench_shuffle_quality.py [--seeds 0 1] [--settings full blocks tight] [--out runs.json]``;
+``--merge a.json b.json`` adds the runs of earlier ``--out`` files to the table (``--seeds`` with no value: print the
+merged table only). The runs behind the README's figures are in ``benchmarks/results/shuffle_quality_*.json``.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ def t_interval(diffs: list[float]) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1])
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--out", type=Path, default=None, help="write the runs as JSON here")
+    parser.add_argument("--merge", type=Path, nargs="+", default=[], help="earlier --out files to add to the table")
     args = parser.parse_args(argv)
 
     from pipeline.cli import setup_logging
@@ -68,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     base = load_params(args.params)
     features = Path(base.paths.features)
     rsum: dict[str, dict[int, float]] = {s: {} for s in args.settings}
+    for earlier in args.merge:
+        for setting, runs in json.loads(earlier.read_text())["rsum"].items():
+            if setting in rsum:
+                rsum[setting].update({int(seed): float(value) for seed, value in runs.items()})
     for seed in args.seeds:
         for setting in args.settings:
             data = base.model_dump(mode="json")
@@ -81,15 +88,19 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{setting:>6} seed {seed}: test RSUM {rsum[setting][seed]:.1f} ({took:.0f} s)", flush=True)
     print("\nsetting  runs  mean RSUM  std   paired diff to full (95% CI)")
     for setting in args.settings:
-        values = [rsum[setting][s] for s in args.seeds]
+        seeds = sorted(rsum[setting])
+        values = [rsum[setting][s] for s in seeds]
+        if not values:
+            continue
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         line = f"{setting:>7}  {len(values):>4}  {statistics.fmean(values):>9.1f}  {std:>4.1f}"
-        if setting != "full" and "full" in rsum:
-            mean, half = t_interval([rsum[setting][s] - rsum["full"][s] for s in args.seeds])
+        paired = [s for s in seeds if s in rsum.get("full", {})]
+        if setting != "full" and paired:
+            mean, half = t_interval([rsum[setting][s] - rsum["full"][s] for s in paired])
             line += f"   {mean:+.1f} ± {half:.1f}"
         print(line)
     if args.out is not None:
-        args.out.write_text(json.dumps({"seeds": args.seeds, "rsum": rsum}, indent=2))
+        args.out.write_text(json.dumps({"seeds": sorted({s for r in rsum.values() for s in r}), "rsum": rsum}, indent=2))
 
 
 if __name__ == "__main__":
