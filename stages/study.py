@@ -49,14 +49,22 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 @app.command()
 def main(
-    grid: str = typer.Option("all", "--grid", help="main | similarity_x_head | k | t | alpha | elements | smoke | all"),
+    grid: str = typer.Option(
+        "all", "--grid", help="main | similarity_x_head | k | t | alpha | elements | all | smoke | plateau"
+    ),
     quick: bool = typer.Option(False, "--quick", help="2 epochs of 4 batches, reduced grids: a few minutes in all"),
-    seeds: int | None = typer.Option(None, "--seeds", min=1, help="seeds per system in the main grid (default 2)"),
-    epochs: int | None = typer.Option(None, "--epochs", min=1, help="override the epochs per cell"),
+    seeds: int | None = typer.Option(
+        None, "--seeds", min=1, help=f"seeds per cell, every grid (default {DEFAULT.seeds})"
+    ),
+    epochs: int | None = typer.Option(
+        None, "--epochs", min=1, help="override the epochs per cell (--grid plateau: the curve's length)"
+    ),
     workers: int | None = typer.Option(
         None, "--workers", min=0, help="cells in parallel as Ray tasks (default: one per core; 0 = in-process)"
     ),
-    out: Path = typer.Option(Path("docs/results.md"), "--out", help="report to write (plots go to <out stem>/)"),
+    out: Path | None = typer.Option(
+        None, "--out", help="report to write, plots in <out stem>/ (default docs/results.md; plateau: docs/plateau.md)"
+    ),
     cache: Path = typer.Option(Path("artifacts/study"), "--cache", help="per-cell cache: <cache>/<fingerprint>/"),
     params_path: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml: the study's base"),
     features: Path | None = typer.Option(None, "--features", help="feature store (default paths.features)"),
@@ -69,8 +77,13 @@ def main(
     setup_logging(quiet)
     params = call(load_params, params_path, debug=debug)
     settings = QUICK if quick else DEFAULT
-    if seeds is not None or epochs is not None:
-        settings = replace(settings, seeds=seeds or settings.seeds, epochs=epochs or settings.epochs)
+    if seeds is not None:
+        settings = replace(settings, seeds=seeds)
+    if epochs is not None and grid == "plateau":
+        settings = replace(settings, plateau_epochs=epochs)
+    elif epochs is not None:
+        settings = replace(settings, epochs=epochs, epochs_source="set with --epochs")
+    out = out or Path("docs/plateau.md" if grid == "plateau" else "docs/results.md")
     grids = list(GRIDS) if grid == "all" else [grid]
     workers = os.cpu_count() or 1 if workers is None else workers
     command = "python -m stages.study --grid " + grid + (" --quick" if quick else "")
