@@ -305,6 +305,8 @@ def render_report(
     failed = [o for o in outcomes if o.error]
     train_seconds = [o.record["train"]["seconds"] for o in outcomes if o.record and "train" in o.record]
     title = "Study results — QUICK RUN (smoke-sized, not the full study)" if quick else "Study results"
+    if grids == ["plateau"]:
+        title = "Study training length: validation curve" + (" — QUICK RUN" if quick else "")
     lines = [
         f"# {title}",
         "",
@@ -341,7 +343,7 @@ def render_report(
             f"pooled seed std of the main systems, σ = {_num(noise)} RSUM (the margin of the Table 5 all-but-one "
             "claim)."
             if noise is not None
-            else "none (one seed per system)."
+            else "none (no system of the main grid ran two seeds)."
         ),
         "- Paper numbers (METHOD §7) come from F30K / COCO with BUTD or ResNet features and D = 1024: compare "
         "orderings and gaps, not absolute values.",

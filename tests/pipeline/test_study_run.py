@@ -51,8 +51,8 @@ def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, 
     report = out.read_text()
     only_1 = next(line for line in report.splitlines() if line.startswith("| image: only 1 |"))
     assert (
-        only_1.split("|")[2]
-        == next(line for line in report.splitlines() if "| image: all but 0 |" in line).split("|")[2]
+        only_1.split("|")[3]
+        == next(line for line in report.splitlines() if "| image: all but 0 |" in line).split("|")[3]
     )
     # a kill between two variants: the next run evaluates only what is missing
     lost = next(k for k, v in record["variants"].items() if v["name"] == "text_only_1")
