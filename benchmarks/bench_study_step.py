@@ -10,7 +10,7 @@ the same step (a study cell runs one thread per core). It then feeds ``estimate_
 per batch = step + data, averaged over the epochs; ``--epoch-overhead`` s of validation and checkpoint per epoch and
 ``--variant-seconds`` s per evaluation, defaults from the 40.1-minute study of docs/results.md: 9 s per cell at
 5 epochs) and prints the estimate for each ``--epochs``. ``--contention`` scales the step times for two cells
-sharing the box (1.06 reproduces that study's 40.1 minutes from its cells' step times).
+sharing the box (1.10 reproduces that study's 40.1 minutes from these step times).
 
 Usage: ``nice -n 10 python benchmarks/bench_study_step.py [--steps 3] [--epochs 3 4 5] [--profile dive]``
 (``--profile CLASS`` prints a torch.profiler table of that class's steps instead of the estimate).
@@ -52,9 +52,12 @@ def _batches(params: Params, split, epochs: int) -> tuple[list, list[float]]:
             len(image), train.images_per_batch, seed=0, epoch=epoch, bounds=bounds, window_blocks=window
         )
         start = time.process_time()
-        batches = list(epoch_batches(image, text, index, sampler, len(sampler), 0))
-        seconds.append((time.process_time() - start) / len(batches))
-        first = first or batches
+        if first is None:  # kept for the steps
+            first = list(epoch_batches(image, text, index, sampler, len(sampler), 0))
+        else:  # consumed and dropped, as training does (keeping them would time fresh allocations)
+            for _ in epoch_batches(image, text, index, sampler, len(sampler), 0):
+                pass
+        seconds.append((time.process_time() - start) / len(sampler))
     return first, seconds
 
 
@@ -115,7 +118,7 @@ def main() -> None:
             continue
         seconds = step_seconds(Params.model_validate(job.params), split, batches, args.steps, bool(args.profile))
         classes[key] = (name, seconds)
-        print(f"{name:40s} {seconds:.3f} CPU s/step", flush=True)
+        print(f"{name:46s} {seconds:.3f} CPU s/step", flush=True)
     if args.profile:
         return
     for epochs in args.epochs:
