@@ -45,7 +45,8 @@ class StudySettings:
     """Sizes of one study run: training length and grid values."""
 
     # 4 = the most that fits the 90-minute budget at 3 seeds on the 2-core box (estimate_default_study from per-step
-    # measurements: ~3 min of evaluation + ~19 min per epoch); to be checked against --grid plateau (docs/plateau.json)
+    # measurements: ~3 min of evaluation + ~18-19 min per epoch); to be checked against --grid plateau
+    # (docs/plateau.json)
     epochs: int = 4
     limit_batches: int | None = None
     seeds: int = 3  # every grid; pairs cells by seed in the verdict (pipeline.study_stats)
@@ -58,7 +59,8 @@ class StudySettings:
     plateau_epochs: int = 20  # --grid plateau: the generous length whose validation curve sets ``epochs``
     # where ``epochs`` came from, quoted by the report next to the measured curve (docs/plateau.json)
     epochs_source: str = (
-        "the most that fits the 90-minute budget with 3 seeds (estimate ~78 min), not yet set from a measured plateau"
+        "the most that fits the 90-minute budget with 3 seeds (estimate ~74-78 min), not yet set from a measured "
+        "plateau"
     )
 
 

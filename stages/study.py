@@ -30,7 +30,8 @@ Budget (``DEFAULT``): 81 distinct cells (27 per seed x 3 seeds; DivE of each see
 T=4, alpha=16 and Table 5) of 4 epochs x 16 batches (the demo's 2,000 train images), within the 90-minute budget on
 the 2-core box with 2 workers: ``estimate_default_study`` fed with one-thread CPU seconds per training step of each
 cost class (DivE 1.6 s, K=6 2.6 s, K=1 0.8 s, MaxMatch 2.2 s, VSE++ 0.2 s, ...; calibrated on the 40.1-minute
-study of 37 cells x 5 epochs) gives ~3 min of evaluation + ~19 min per epoch: ~78 min at 4 epochs, ~97 at 5.
+study of 37 cells x 5 epochs) gives ~3 min of evaluation + ~18-19 min per epoch: ~74-78 min at 4 epochs, ~92-97
+at 5 (two runs of ``benchmarks/bench_study_step.py --contention 1.10``).
 docs/results.md re-estimates it from the batch times measured in the run and records the load at its start.
 ``--quick`` (``QUICK``): 2 epochs of at most 4 batches, 2 seeds, K in {1,2,4}, T in {1,4}, alpha in {1,16,64}: 32
 distinct cells, a few minutes; it checks the machinery, not the paper.
