@@ -28,7 +28,8 @@ logger = logging.getLogger("setemb.stage.study")
 QUIET_LOGGERS = ("pipeline.ray_train", "setemb", "ray", "ray.train", "stages")  # WARNING and up while a cell runs
 
 GRIDS = ("main", "similarity_x_head", "k", "t", "alpha", "elements")
-EXTRA_GRIDS = ("smoke",)
+EXTRA_GRIDS = ("smoke", "plateau")
+PLATEAU_SYSTEMS = ("dive", "vsepp")  # the study base and the single-vector baseline: the slowest and fastest learner
 SIMILARITIES = ("smooth_chamfer", "chamfer", "max_similarity", "match_probability")
 HEADS = ("slot", "pienet", "transformer")
 SIMILARITY_KWARGS = {  # what each similarity is trained with in Table 3
@@ -43,25 +44,36 @@ SIMILARITY_KWARGS = {  # what each similarity is trained with in Table 3
 class StudySettings:
     """Sizes of one study run: training length and grid values."""
 
-    epochs: int = 5
+    # 4 = the most that fits the 90-minute budget at 3 seeds on the 2-core box (estimate_default_study from per-step
+    # measurements: ~3 min of evaluation + ~18-19 min per epoch); to be checked against --grid plateau
+    # (docs/plateau.json)
+    epochs: int = 4
     limit_batches: int | None = None
-    seeds: int = 2
+    seeds: int = 3  # every grid; pairs cells by seed in the verdict (pipeline.study_stats)
     k_values: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     t_values: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
     alpha_values: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0)
-    # None = the full similarity x head product; else the listed (similarity, head) pairs
-    pairs: tuple[tuple[str, str], ...] | None = None
+    # None = the full similarity x head product; else the listed (similarity, head) pairs. Default: the six the
+    # paper reports, the only ones its Table 3 claims compare
+    pairs: tuple[tuple[str, str], ...] | None = tuple(PAPER_SIMILARITY_X_HEAD)
+    plateau_epochs: int = 20  # --grid plateau: the generous length whose validation curve sets ``epochs``
+    # where ``epochs`` came from, quoted by the report next to the measured curve (docs/plateau.json)
+    epochs_source: str = (
+        "the most that fits the 90-minute budget with 3 seeds (estimate ~74-78 min), not yet set from a measured "
+        "plateau"
+    )
 
 
 DEFAULT = StudySettings()
 QUICK = StudySettings(
     epochs=2,
+    plateau_epochs=3,
+    epochs_source="quick run",
     limit_batches=4,
     seeds=2,
     k_values=(1, 2, 4),
     t_values=(1, 4),
     alpha_values=(1.0, 16.0, 64.0),
-    pairs=tuple(PAPER_SIMILARITY_X_HEAD),  # the six cells the paper reports
 )
 
 
@@ -118,32 +130,41 @@ def build_grid(
                         Variant("mu_only", model={"head_kwargs": {"sample_in_eval": False}}),
                     ]
                 cells.append(_cell(name, system, data, variants=tuple(variants)))
+    elif name == "plateau":
+        for seed in range(settings.seeds):
+            for system in PLATEAU_SYSTEMS:
+                data = merge_overlay(base, {**load_profile(system, profiles_dir), "seed": seed})
+                data["train"]["optim"]["epochs"] = settings.plateau_epochs
+                cells.append(_cell(name, system, data))
     elif name == "similarity_x_head":
         pairs = settings.pairs or tuple((s, h) for s in SIMILARITIES for h in HEADS)
-        for similarity, head in pairs:
-            data = _dive(base, profiles_dir)
-            loss = data["train"]["loss"]["kwargs"]
-            loss.update(similarity=similarity, similarity_kwargs=dict(SIMILARITY_KWARGS[similarity]))
-            model = data["train"]["model"]
-            model["head"] = head
-            if head == "pienet":  # PIE-Net takes neither the SPM kwargs nor a positional code
-                model.update(head_kwargs={}, image_head_kwargs={}, text_head_kwargs={})
-            tags = {"similarity": similarity, "head": head}
-            cells.append(_cell(name, f"{similarity} × {head}", data, tags=tags))
+        for seed in range(settings.seeds):
+            for similarity, head in pairs:
+                data = _dive(base, profiles_dir, seed)
+                loss = data["train"]["loss"]["kwargs"]
+                loss.update(similarity=similarity, similarity_kwargs=dict(SIMILARITY_KWARGS[similarity]))
+                model = data["train"]["model"]
+                model["head"] = head
+                if head == "pienet":  # PIE-Net takes neither the SPM kwargs nor a positional code
+                    model.update(head_kwargs={}, image_head_kwargs={}, text_head_kwargs={})
+                tags = {"similarity": similarity, "head": head}
+                cells.append(_cell(name, f"{similarity} × {head}", data, tags=tags))
     elif name in ("k", "t", "alpha"):
         values = {"k": settings.k_values, "t": settings.t_values, "alpha": settings.alpha_values}[name]
-        for value in values:
-            data = _dive(base, profiles_dir)
-            if name == "k":
-                data["train"]["model"]["num_embeddings"] = int(value)
-            elif name == "t":
-                data["train"]["model"]["head_kwargs"]["num_iterations"] = int(value)
-            else:
-                data["train"]["loss"]["kwargs"]["similarity_kwargs"] = {"alpha": float(value)}
-            cells.append(_cell(name, f"{SWEEP_SYMBOL[name]}={value:g}", data, x=value))
+        for seed in range(settings.seeds):
+            for value in values:
+                data = _dive(base, profiles_dir, seed)
+                if name == "k":
+                    data["train"]["model"]["num_embeddings"] = int(value)
+                elif name == "t":
+                    data["train"]["model"]["head_kwargs"]["num_iterations"] = int(value)
+                else:
+                    data["train"]["loss"]["kwargs"]["similarity_kwargs"] = {"alpha": float(value)}
+                cells.append(_cell(name, f"{SWEEP_SYMBOL[name]}={value:g}", data, x=value))
     elif name == "elements":
-        data = validate_merged(_dive(base, profiles_dir), "dive").model_dump(mode="json")
-        cells.append(_cell(name, "dive", data, variants=_element_variants(data)))
+        for seed in range(settings.seeds):
+            data = validate_merged(_dive(base, profiles_dir, seed), "dive").model_dump(mode="json")
+            cells.append(_cell(name, "dive", data, variants=_element_variants(data)))
     else:
         raise ParamsError(f"unknown grid {name!r}; known: {', '.join((*GRIDS, *EXTRA_GRIDS, 'all'))}")
     return cells
@@ -223,6 +244,7 @@ def run_cell(job: CellJob) -> dict[str, Any]:
             "epoch_seconds": sum(float(h.get("epoch_time_s", 0.0)) for h in history),
             "best_val_rsum": result.best_rsum,
             "final_train_loss": history[-1].get("train_loss") if history else None,
+            "val_rsum": [h.get("val_rsum") for h in history],  # the validation curve (--grid plateau)
         }
         write_record(directory, record)
         shutil.rmtree(storage, ignore_errors=True)
@@ -298,44 +320,59 @@ def _cost_class(params: dict[str, Any]) -> tuple:
 
 
 def estimate_default_study(
-    outcomes: list[JobOutcome], base_params: Params, features: Path, digest: str, workers: int, profiles_dir: Path
+    outcomes: list[JobOutcome],
+    base_params: Params,
+    features: Path,
+    digest: str,
+    workers: int,
+    profiles_dir: Path,
+    settings: StudySettings = DEFAULT,
 ) -> dict[str, float] | None:
-    """Wall time of ``--grid all`` at the default sizes from this run's measurements.
+    """Wall time of ``--grid all`` at the ``settings`` sizes (the defaults) from this run's measurements.
 
-    Each default cell costs the mean measured per-cell overhead (start-up, validation, evaluation) plus its batches
-    times the seconds per batch measured for its cost class (head, similarity, K, T), or the median over the measured
-    cells for a class this run did not train; the sum is divided by the workers.
+    A cell costs, per epoch, its batches times the seconds per batch measured for its cost class (head, similarity,
+    K, T; the median over the measured cells for a class this run did not train) plus the measured non-training
+    seconds per epoch (validation, checkpoint and, spread over the epochs, start-up: so an estimate for more epochs
+    than were measured errs long), and once per evaluation variant the mean measured variant seconds. The sum over
+    the distinct cells is divided by the workers. ``minutes = fixed_minutes + epochs * minutes_per_epoch``.
     """
     import statistics
 
     from setemb.feature_store import FeatureStore
 
     measured: dict[tuple, list[float]] = {}
-    overheads = []
+    per_epoch_overheads, variant_seconds = [], []
     for o in outcomes:
         train = (o.record or {}).get("train", {})
         if train.get("steps"):
             measured.setdefault(_cost_class(o.job.params), []).append(train["epoch_seconds"] / train["steps"])
-            evals = [v["seconds"] for v in o.record.get("variants", {}).values()]
-            overheads.append(train["seconds"] - train["epoch_seconds"] + (min(evals) if evals else 0.0))
+            per_epoch_overheads.append((train["seconds"] - train["epoch_seconds"]) / max(train["epochs"], 1))
+            variant_seconds += [v["seconds"] for v in o.record.get("variants", {}).values()]
     if not measured or workers < 1:
         return None
     per_class = {k: statistics.fmean(v) for k, v in measured.items()}
     fallback = statistics.median([x for v in measured.values() for x in v])
-    overhead = statistics.fmean(overheads)
-    base = study_base(base_params, DEFAULT)
-    cells = [c for g in GRIDS for c in build_grid(g, base, DEFAULT, profiles_dir)]
+    epoch_overhead = statistics.fmean(per_epoch_overheads)
+    variant_cost = statistics.fmean(variant_seconds) if variant_seconds else 0.0
+    base = study_base(base_params, settings)
+    cells = [c for g in GRIDS for c in build_grid(g, base, settings, profiles_dir)]
     _, jobs = plan(cells, "unused", features=features, features_digest=digest, relevance=None)
     n_train = len(FeatureStore.open(features)["train"].image)
     steps = math.ceil(n_train / base["train"]["images_per_batch"])
+    if settings.limit_batches:
+        steps = min(steps, settings.limit_batches)
     batch_seconds = [per_class.get(_cost_class(j.params), fallback) for j in jobs]
-    seconds = sum(overhead + b * steps * DEFAULT.epochs for b in batch_seconds) / workers
+    per_epoch = sum(b * steps + epoch_overhead for b in batch_seconds) / workers
+    fixed = sum(len(j.variants) for j in jobs) * variant_cost / workers
     return {
         "cells": len(jobs),
-        "epochs": DEFAULT.epochs,
+        "seeds": settings.seeds,
+        "epochs": settings.epochs,
         "steps_per_epoch": steps,
         "workers": workers,
         "seconds_per_step": statistics.fmean(batch_seconds),
-        "overhead_seconds": overhead,
-        "minutes": seconds / 60,
+        "overhead_seconds": epoch_overhead * settings.epochs + variant_cost,  # per cell, besides its batches
+        "minutes_per_epoch": per_epoch / 60,
+        "fixed_minutes": fixed / 60,
+        "minutes": (fixed + per_epoch * settings.epochs) / 60,
     }

@@ -14,7 +14,19 @@ from typing import Any
 
 from pipeline.cli import git_sha
 from pipeline.study import Cell, JobOutcome
-from pipeline.study_grid import HEADS, SIMILARITIES, StudySettings
+from pipeline.study_grid import GRIDS, HEADS, SIMILARITIES, StudySettings
+from pipeline.study_plateau import (
+    PLATEAU_SUMMARY,
+    collect_curves,
+    main_dive_best_val,
+    plateau_summary,
+    plateaus_of,
+    plot_curves,
+    read_summary,
+    section_plateau,
+    section_training_length,
+    write_summary,
+)
 from pipeline.study_verdict import (
     PAPER_ELEMENTS,
     PAPER_MAIN,
@@ -23,8 +35,10 @@ from pipeline.study_verdict import (
     SWEEP_SYMBOL,
     Row,
     aggregate,
+    by_seed,
     collect,
     is_degenerate,
+    paired,
     seed_noise,
     verdict,
 )
@@ -37,6 +51,11 @@ def _num(value: float | None, digits: int = 1) -> str:
 def _cellstat(stats: dict, key: tuple[str, str, str], digits: int = 1) -> str:
     s = stats.get(key)
     return "–" if s is None else s.format(digits)
+
+
+def _seeds(stats: dict, key: tuple[str, str, str]) -> str:
+    s = stats.get(key)
+    return "0" if s is None else str(s.n)
 
 
 TIED = " ‡"
@@ -154,6 +173,7 @@ def _section_similarity_x_head(rows: list[Row]) -> list[str]:
             [
                 similarity,
                 head,
+                _seeds(stats["rsum"], key),
                 _cellstat(stats["rsum"], key) + (TIED if key in tied else ""),
                 _cellstat(stats["log_cv_image"], key, 2),
                 _cellstat(stats["log_cv_text"], key, 2),
@@ -161,7 +181,7 @@ def _section_similarity_x_head(rows: list[Row]) -> list[str]:
                 _num(paper_cv, 2),
             ]
         )
-    header = ["similarity", "head", "RSUM", "ln CV img", "ln CV txt", "paper RSUM", "paper ln CV"]
+    header = ["similarity", "head", "seeds", "RSUM", "ln CV img", "ln CV txt", "paper RSUM", "paper ln CV"]
     return [
         "## Similarity × head (paper Table 3)",
         "",
@@ -171,7 +191,7 @@ def _section_similarity_x_head(rows: list[Row]) -> list[str]:
         "",
         *_table(header, body),
         "",
-        *([TIED_NOTE, ""] if any(TIED in row[2] for row in body) else []),
+        *([TIED_NOTE, ""] if any(TIED in row[3] for row in body) else []),
     ]
 
 
@@ -192,6 +212,7 @@ def _section_sweeps(rows: list[Row], plots: dict[str, Path], out_dir: Path) -> l
         body = [
             [
                 f"{x:g}",
+                _seeds(stats["rsum"], (grid, label, "default")),
                 _cellstat(stats["rsum"], (grid, label, "default")) + (TIED if (grid, label, "default") in tied else ""),
                 _cellstat(stats["log_cv_image"], (grid, label, "default"), 2),
                 _cellstat(stats["log_cv_text"], (grid, label, "default"), 2),
@@ -199,8 +220,8 @@ def _section_sweeps(rows: list[Row], plots: dict[str, Path], out_dir: Path) -> l
             ]
             for x, label in points
         ]
-        lines += _table([SWEEP_SYMBOL[grid], "RSUM", "ln CV img", "ln CV txt", "paper RSUM"], body) + [""]
-        lines += [TIED_NOTE, ""] if any(TIED in row[1] for row in body) else []
+        lines += _table([SWEEP_SYMBOL[grid], "seeds", "RSUM", "ln CV img", "ln CV txt", "paper RSUM"], body) + [""]
+        lines += [TIED_NOTE, ""] if any(TIED in row[2] for row in body) else []
         if grid in plots:
             lines += [f"![RSUM vs {SWEEP_SYMBOL[grid]}]({os.path.relpath(plots[grid], out_dir)})", ""]
     return lines
@@ -210,32 +231,49 @@ def _section_elements(rows: list[Row]) -> list[str]:
     element_rows = [r for r in rows if r.grid == "elements"]
     if not element_rows:
         return []
-    full = next((r.metrics.get("rsum") for r in element_rows if r.variant == "all"), None)
+    stats, values, tied = aggregate(element_rows, "rsum"), by_seed(element_rows, "rsum"), _tied(element_rows)
+    variants = list(dict.fromkeys(r.variant for r in element_rows))  # the grid's order
+    label = element_rows[0].label
+    full = values.get(("elements", label, "all"), {})
     body = []
-    for r in element_rows:
-        side, _, rest = r.variant.partition("_")
+    for variant in variants:
+        key = ("elements", label, variant)
+        side, _, rest = variant.partition("_")
         kind, _, index = rest.partition("_")
-        what = "all elements" if r.variant == "all" else f"{side}: {'only' if kind == 'only' else 'all but'} {index}"
-        delta = None if full is None or "rsum" not in r.metrics else r.metrics["rsum"] - full
+        what = "all elements" if variant == "all" else f"{side}: {'only' if kind == 'only' else 'all but'} {index}"
+        delta = "–" if variant == "all" else paired(values.get(key, {}), full).format().removeprefix("Δ ")
         body.append(
             [
                 what,
-                _num(r.metrics.get("rsum")) + (TIED if is_degenerate(r) else ""),
-                "–" if delta is None else f"{delta:+.1f}",
-                _num(PAPER_ELEMENTS.get(r.variant)),
+                _seeds(stats, key),
+                _cellstat(stats, key) + (TIED if key in tied else ""),
+                delta,
+                _num(PAPER_ELEMENTS.get(variant)),
             ]
         )
     return [
         "## Evaluating with a subset of the set (paper Table 5)",
         "",
-        "The main DivE model (seed 0) scored with smooth-Chamfer on a subset of its image (or text) set elements. "
-        "Element indices are 0-based here and 1-based in the paper (ours `1` = the paper's (2)); which slot learns "
-        "what is arbitrary, so compare the spread, not the row. Paper: F30K, only {1,3,4} is given for all-but-one.",
+        "The main DivE model of each seed scored with smooth-Chamfer on a subset of its image (or text) set elements; "
+        "RSUM is mean ± std over seeds, Δ vs all the paired difference with its 95% CI. Element indices are 0-based "
+        "here and 1-based in the paper (ours `1` = the paper's (2)); which slot learns what is arbitrary (and differs "
+        "between seeds), so compare the spread, not the row. Paper: F30K, only {1,3,4} is given for all-but-one.",
         "",
-        *_table(["evaluated with", "RSUM", "Δ vs all", "paper RSUM"], body),
+        *_table(["evaluated with", "seeds", "RSUM", "Δ vs all", "paper RSUM"], body),
         "",
-        *([TIED_NOTE, ""] if any(TIED in row[1] for row in body) else []),
+        *([TIED_NOTE, ""] if any(TIED in row[2] for row in body) else []),
     ]
+
+
+def _section_plateau_run(cells: list[Cell], records: dict, out: Path, command: str) -> list[str]:
+    """The plateau run's curve (PNG + table) and rule; writes the summary the full study quotes (out.json)."""
+    curves = collect_curves(cells, records)
+    if not curves:
+        return ["## Validation curve and plateau epoch", "", "No cell recorded a validation curve.", ""]
+    summary = plateau_summary(curves, command=command, git=git_sha(), date=f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    plot = plot_curves(curves, plateaus_of(curves), out.parent / out.stem / "val_rsum_curve.png")
+    write_summary(summary, out.with_suffix(".json"))
+    return section_plateau(summary, os.path.relpath(plot, out.parent))
 
 
 def render_report(
@@ -267,6 +305,8 @@ def render_report(
     failed = [o for o in outcomes if o.error]
     train_seconds = [o.record["train"]["seconds"] for o in outcomes if o.record and "train" in o.record]
     title = "Study results — QUICK RUN (smoke-sized, not the full study)" if quick else "Study results"
+    if grids == ["plateau"]:
+        title = "Study training length: validation curve" + (" — QUICK RUN" if quick else "")
     lines = [
         f"# {title}",
         "",
@@ -295,9 +335,16 @@ def render_report(
         f"{json.dumps(loss.get('similarity_kwargs', {}))}.",
         f"- Training per cell: {settings.epochs} epochs"
         + (f" of at most {settings.limit_batches} batches" if settings.limit_batches else "")
-        + f", {base['train']['images_per_batch']} images per batch, local mode (one thread per cell); seeds per "
-        f"system in the main comparison: {settings.seeds}; ablations: seed 0.",
-        f"- Noise yardstick: {'pooled seed std of the main systems, σ = ' + _num(noise) + ' RSUM' if noise is not None else 'none (one seed per system)'}.",  # noqa: E501
+        + f", {base['train']['images_per_batch']} images per batch, local mode (one thread per cell); "
+        f"seeds {', '.join(str(s) for s in range(settings.seeds))} for every cell of every grid (a cell's seed fixes "
+        "its initialisation and batch order, so cells with the same seed are paired).",
+        "- Tables: mean ± std over seeds. Seed noise: "
+        + (
+            f"pooled seed std of the main systems, σ = {_num(noise)} RSUM (the margin of the Table 5 all-but-one "
+            "claim)."
+            if noise is not None
+            else "none (no system of the main grid ran two seeds)."
+        ),
         "- Paper numbers (METHOD §7) come from F30K / COCO with BUTD or ResNet features and D = 1024: compare "
         "orderings and gaps, not absolute values.",
         "",
@@ -313,14 +360,25 @@ def render_report(
         )
     if estimate:
         lines.append(
-            f"- Estimated default study (`--grid all`, {estimate['cells']:.0f} distinct cells, "
-            f"{estimate['epochs']:.0f} epochs of {estimate['steps_per_epoch']:.0f} batches, "
-            f"{estimate['workers']:.0f} worker(s)): "
-            f"~{estimate['minutes']:.0f} min, from this run's seconds per batch of each cell's kind (mean "
+            f"- Estimated default study (`--grid all`, {estimate['cells']:.0f} distinct cells over "
+            f"{estimate['seeds']:.0f} seeds, {estimate['epochs']:.0f} epochs of {estimate['steps_per_epoch']:.0f} "
+            f"batches, {estimate['workers']:.0f} worker(s)): ~{estimate['minutes']:.0f} min "
+            f"({estimate['fixed_minutes']:.0f} min of evaluation + {estimate['minutes_per_epoch']:.1f} min per epoch), "
+            "from this run's seconds per batch of each cell's kind (mean "
             f"{estimate['seconds_per_step']:.2f} s over the default cells) and {estimate['overhead_seconds']:.0f} s "
-            "per-cell overhead; timings from a shared machine (see the load average above) overestimate an idle one."
+            "per-cell overhead (validation, start-up, one evaluation); timings from a shared machine (see the load "
+            "average above) overestimate an idle one."
         )
     lines.append("")
+    if any(g in GRIDS for g in grids):
+        summary_path = out.parent / PLATEAU_SUMMARY
+        lines += section_training_length(
+            read_summary(summary_path),
+            settings.epochs,
+            settings.epochs_source,
+            main_dive_best_val(cells, records),
+            str(summary_path),
+        )
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{o.job.labels[0]}`: {o.error}" for o in failed] + [""]
     for grid in ("main", "smoke"):
@@ -330,6 +388,10 @@ def render_report(
         lines += _section_similarity_x_head(rows)
     lines += _section_sweeps(rows, plots, out.parent)
     lines += _section_elements(rows)
+    if "plateau" in grids:
+        lines += _section_plateau_run(cells, records, out, command)
+    if not any(g in grids for g in (*GRIDS, "smoke")):
+        return "\n".join(lines)
     claims = verdict(rows, noise)
     lines += ["## Verdict", ""]
     excluded = sorted(
@@ -344,15 +406,33 @@ def render_report(
     if quick:
         lines += ["Generated from the quick run's numbers, so mostly noise; the statuses only show the machinery.", ""]
     lines.append(
-        "Each line compares our numbers explicitly: *holds* = the paper's direction by more than the seed noise, "
-        "*does not hold* = the opposite direction by more than the noise, *inconclusive* = within the noise "
-        f"({'σ = ' + _num(noise) if noise is not None else 'no noise estimate: the sign decides'})."
+        "Each claim is read from paired comparisons: two cells that ran the same seed differ only in what the grid "
+        "changes, so Δ is the mean over the shared seeds of the per-seed difference (ours − the rival, in the paper's "
+        "direction), with its 95% Student-t interval (± half-width). *holds* = the interval excludes 0 in the paper's "
+        "direction, *does not hold* = it excludes 0 the other way, *inconclusive* = it contains 0, or fewer than two "
+        'shared seeds (one seed: no interval). "Best of a sweep" is judged against the runner-up (holds when the '
+        "paper's value has the best mean and its interval against the next one excludes 0; does not hold when another "
+        "value beats it with an interval excluding 0). The CI column is the deciding comparison; the evidence lists "
+        "all of them (RSUM unless the claim is about ln CV)."
     )
     lines.append("")
     if not claims:
         lines.append("No claim could be checked (no grid with the needed cells ran).")
-    for c in claims:
-        lines.append(f"- **{c.status}** ({c.source}) {c.claim}: {c.evidence}.")
+    else:
+        lines += _table(
+            ["status", "source", "claim", "Δ (95% CI)", "seeds", "evidence"],
+            [
+                [
+                    f"**{c.status}**",
+                    c.source,
+                    c.claim,
+                    "–" if c.diff is None else c.diff.format(2 if "ln circular" in c.claim else 1).split(" (")[0],
+                    "–" if c.diff is None else str(c.diff.n),
+                    c.evidence.replace("|", "/"),
+                ]
+                for c in claims
+            ],
+        )
     held = sum(c.status == "holds" for c in claims)
     lines += [
         "",

@@ -1,5 +1,6 @@
-"""Study results: records -> rows (one per cell and variant), statistics over seeds, the seed noise, the paper's
-numbers, and the verdict on the paper's claims (directions judged against the seed noise, degenerate rows left out).
+"""Study results: records -> rows (one per cell, variant and seed), statistics over seeds, the seed noise, the
+paper's numbers, and the verdict on the paper's claims: paired comparisons over the seeds two cells share, each with a
+95% t interval (``pipeline.study_stats``); degenerate rows are left out.
 
 Reads what the engine (``pipeline.study``) cached; ``pipeline.study_report`` renders it.
 """
@@ -13,6 +14,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.study import Cell
+from pipeline.study_stats import (  # noqa: F401 - Stat and stat are part of this module's API
+    FAILS,
+    HOLDS,
+    INCONCLUSIVE,
+    Judgement,
+    Paired,
+    Stat,
+    beats_all,
+    best_of,
+    paired,
+    stat,
+    within,
+)
 
 # Below this fraction of distinct values in a block of scores, a variant's recall is an artefact of the recall tie
 # rule (ties favour the query: a constant score matrix gets RSUM 600); such rows are flagged, not used in the verdict.
@@ -69,26 +83,6 @@ def collect(cells: Sequence[Cell], records: dict[str, dict[str, Any] | None]) ->
     return rows
 
 
-@dataclass
-class Stat:
-    mean: float
-    std: float | None  # None for a single value
-    n: int
-
-    def format(self, digits: int = 1) -> str:
-        if self.std is None:
-            return f"{self.mean:.{digits}f}"
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}"
-
-
-def stat(values: Sequence[float]) -> Stat | None:
-    """Mean and sample std (None for one value) of the finite ``values``; None when there are none."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    if not finite:
-        return None
-    return Stat(statistics.fmean(finite), statistics.stdev(finite) if len(finite) > 1 else None, len(finite))
-
-
 def aggregate(rows: Sequence[Row], metric: str) -> dict[tuple[str, str, str], Stat]:
     """``{(grid, label, variant): Stat}`` of ``metric`` over seeds."""
     groups: dict[tuple[str, str, str], list[float]] = {}
@@ -96,6 +90,15 @@ def aggregate(rows: Sequence[Row], metric: str) -> dict[tuple[str, str, str], St
         if metric in row.metrics:
             groups.setdefault((row.grid, row.label, row.variant), []).append(row.metrics[metric])
     return {key: s for key, values in groups.items() if (s := stat(values)) is not None}
+
+
+def by_seed(rows: Sequence[Row], metric: str) -> dict[tuple[str, str, str], dict[int, float]]:
+    """``{(grid, label, variant): {seed: value}}`` of ``metric``: what ``paired`` compares."""
+    out: dict[tuple[str, str, str], dict[int, float]] = {}
+    for row in rows:
+        if metric in row.metrics:
+            out.setdefault((row.grid, row.label, row.variant), {})[row.seed] = row.metrics[metric]
+    return out
 
 
 def is_degenerate(row: Row) -> bool:
@@ -152,181 +155,170 @@ PAPER_ELEMENTS = {  # variant name -> F30K RSUM; the paper numbers its elements 
 # -------------------------------------------------------------------------------------------------------- verdict
 @dataclass
 class Claim:
-    """One claim of the paper checked on our numbers; ``status``: holds, does not hold, inconclusive, not run."""
+    """One claim of the paper checked on our numbers; ``status``: holds, does not hold, inconclusive.
+
+    ``diff`` is the deciding paired comparison (the report's CI column), ``evidence`` every comparison in words.
+    """
 
     source: str
     claim: str
     status: str
     evidence: str
+    diff: Paired | None = None
 
 
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def compare(a: float, b: float, noise: float | None) -> str:
-    """Status of the claim ``a > b``: holds when ``a - b`` exceeds the noise, does not hold when ``b - a`` does,
-    inconclusive in between (with no noise estimate the sign decides)."""
-    tolerance = noise or 0.0
-    if a - b > tolerance:
-        return "holds"
-    if b - a > tolerance:
-        return "does not hold"
-    return "inconclusive"
+def _mean(values: dict[int, float] | None, digits: int = 1) -> str:
+    s = stat(list((values or {}).values()))
+    return "–" if s is None else s.format(digits)
 
 
-def _noise_note(noise: float | None) -> str:
-    return f"seed noise σ = {noise:.1f} RSUM" if noise is not None else "one seed: no noise estimate, the sign decides"
+def _claim(source: str, claim: str, judgement: Judgement, lead: str = "", digits: int = 1) -> Claim:
+    evidence = "; ".join(f"vs {name}: {p.format(digits)}" for name, p in judgement.comparisons)
+    return Claim(source, claim, judgement.status, (lead + "; " if lead else "") + evidence, judgement.deciding)
 
 
-def verdict(rows: Sequence[Row], noise: float | None) -> list[Claim]:
-    """The paper's claims, each checked with explicit comparisons of our numbers (see ``compare``).
+def _pair_claim(source: str, claim: str, a: str, va: dict[int, float], b: str, vb: dict[int, float]) -> Claim:
+    p = paired(va, vb)
+    return Claim(source, claim, p.status, f"{a} {_mean(va)} vs {b} {_mean(vb)}: {p.format()}", p)
 
+
+def verdict(rows: Sequence[Row], noise: float | None = None) -> list[Claim]:
+    """The paper's claims, each read from paired comparisons over shared seeds (``pipeline.study_stats``).
+
+    Directional claims hold only when the 95% interval of the paired difference excludes 0 in the paper's direction
+    and fail only when it excludes 0 the other way; "best of a sweep" is judged against the runner-up (``best_of``);
+    the Table 5 all-but-one claim is an equivalence with margin ``noise`` (the pooled seed std, ``seed_noise``).
     Degenerate rows (``is_degenerate``) are left out: their recall is not a measurement.
     """
     rows = [r for r in rows if not is_degenerate(r)]
-    rsum = aggregate(rows, "rsum")
+    rsum = by_seed(rows, "rsum")
     claims: list[Claim] = []
 
-    def mean(grid: str, label: str, variant: str = "default") -> float | None:
-        s = rsum.get((grid, label, variant))
-        return None if s is None else s.mean
+    def seeds(grid: str, label: str, variant: str = "default") -> dict[int, float]:
+        return rsum.get((grid, label, variant), {})
 
     # main comparison
-    systems = {name: mean("main", name) for name in PAPER_MAIN}
-    ran = {k: v for k, v in systems.items() if v is not None}
+    ran = {name: seeds("main", name) for name in PAPER_MAIN if seeds("main", name)}
     if len(ran) >= 2 and "dive" in ran:
-        best_other = max((v, k) for k, v in ran.items() if k != "dive")
+        order = sorted(ran, key=lambda k: -(stat(list(ran[k].values())) or Stat(-math.inf, None, 0)).mean)
         claims.append(
-            Claim(
+            _claim(
                 "Tables 1-2",
                 "DivE retrieves better than every compared system (PVSE, PCME, VSE++; MaxMatch: ours)",
-                compare(ran["dive"], best_other[0], noise),
-                f"DivE {_fmt(ran['dive'])} vs best other {best_other[1]} {_fmt(best_other[0])} "
-                f"(Δ {ran['dive'] - best_other[0]:+.1f}); order: "
-                + " > ".join(f"{k} {_fmt(v)}" for k, v in sorted(ran.items(), key=lambda kv: -kv[1])),
+                beats_all(ran["dive"], {k: v for k, v in ran.items() if k != "dive"}),
+                "order: " + " > ".join(f"{k} {_mean(ran[k])}" for k in order),
             )
         )
     if "dive" in ran and "vsepp" in ran:
         claims.append(
-            Claim(
+            _pair_claim(
                 "Tables 1-2",
                 "a set of embeddings beats a single vector (DivE > VSE++; paper +32.8 RSUM on F30K)",
-                compare(ran["dive"], ran["vsepp"], noise),
-                f"DivE {_fmt(ran['dive'])} vs VSE++ {_fmt(ran['vsepp'])} (Δ {ran['dive'] - ran['vsepp']:+.1f})",
+                "DivE", ran["dive"], "VSE++", ran["vsepp"],
             )
-        )
+        )  # fmt: skip
     for a, b in (("pvse", "vsepp"), ("pcme", "vsepp"), ("pvse", "pcme")):
         if a in ran and b in ran:
             paper_a, paper_b = PAPER_MAIN[a][0], PAPER_MAIN[b][0]
             claims.append(
-                Claim(
-                    "Table 2",
-                    f"{a.upper()} > {b.upper()} (paper F30K {paper_a} vs {paper_b})",
-                    compare(ran[a], ran[b], noise),
-                    f"{a} {_fmt(ran[a])} vs {b} {_fmt(ran[b])} (Δ {ran[a] - ran[b]:+.1f})",
-                )
-            )
+                _pair_claim("Table 2", f"{a.upper()} > {b.upper()} (paper F30K {paper_a} vs {paper_b})",
+                            a, ran[a], b, ran[b])
+            )  # fmt: skip
 
     # Table 3
     sxh = {(r.tags.get("similarity"), r.tags.get("head")): r.label for r in rows if r.grid == "similarity_x_head"}
     reference = sxh.get(("smooth_chamfer", "slot"))
-    ref = mean("similarity_x_head", reference) if reference else None
-    if ref is not None:
+    if reference and seeds("similarity_x_head", reference):
+        ref = seeds("similarity_x_head", reference)
         for (sim, head), (paper, _) in PAPER_SIMILARITY_X_HEAD.items():
             if (sim, head) == ("smooth_chamfer", "slot") or (sim, head) not in sxh:
                 continue
-            other = mean("similarity_x_head", sxh[(sim, head)])
-            if other is None:
-                continue
-            claims.append(
-                Claim(
-                    "Table 3",
-                    f"SPM + smooth-Chamfer beats {sim} × {head} (paper 500.8 vs {paper})",
-                    compare(ref, other, noise),
-                    f"{_fmt(ref)} vs {_fmt(other)} (Δ {ref - other:+.1f})",
-                )
-            )
+            other = seeds("similarity_x_head", sxh[(sim, head)])
+            if other:
+                claims.append(
+                    _pair_claim("Table 3", f"SPM + smooth-Chamfer beats {sim} × {head} (paper 500.8 vs {paper})",
+                                "SC × slot", ref, f"{sim} × {head}", other)
+                )  # fmt: skip
+        rivals = (("match_probability", "slot"), ("smooth_chamfer", "pienet"))
         for side in ("image", "text"):
-            cv = aggregate(rows, f"log_cv_{side}")
-            ours = {key: cv.get(("similarity_x_head", label, "default")) for key, label in sxh.items()}
-            base = ours.get(("smooth_chamfer", "slot"))
-            rivals = (("match_probability", "slot"), ("smooth_chamfer", "pienet"))
-            lower = [(k, s) for k, s in ours.items() if k in rivals and s is not None]
-            if base is None or not lower:
+            cv = by_seed(rows, f"log_cv_{side}")
+            base = cv.get(("similarity_x_head", reference, "default"))
+            lower = {
+                f"{k[0]} × {k[1]}": values
+                for k in rivals
+                if k in sxh and (values := cv.get(("similarity_x_head", sxh[k], "default")))
+            }
+            if not base or not lower:
                 continue
-            worst = [k for k, s in lower if s.mean >= base.mean]
             claims.append(
-                Claim(
+                _claim(
                     "Table 3",
                     f"SPM + SC keeps the most diverse {side} sets: higher ln circular variance than MP × SPM "
                     "and SC × PIE-Net (paper −2.13 vs −5.27, −7.35)",
-                    "holds" if not worst else "does not hold",
-                    f"SC × slot {base.mean:.2f} vs " + ", ".join(f"{k[0]} × {k[1]} {s.mean:.2f}" for k, s in lower),
+                    beats_all(base, lower),
+                    f"SC × slot {_mean(base, 2)}, " + ", ".join(f"{k} {_mean(v, 2)}" for k, v in lower.items()),
+                    digits=2,
                 )
             )
 
     # Table 4
     for grid, best_value in PAPER_SWEEP_BEST.items():
-        points = {r.x: mean(grid, r.label) for r in rows if r.grid == grid and r.variant == "default"}
-        points = {x: v for x, v in points.items() if v is not None}
+        points: dict[Any, dict[int, float]] = {}
+        for r in rows:
+            if r.grid == grid and r.variant == "default" and (values := seeds(grid, r.label)):
+                points[r.x] = values
         symbol = SWEEP_SYMBOL[grid]
         if len(points) < 2 or best_value not in points:
             continue
-        top = max(points, key=points.get)
-        gap = points[top] - points[best_value]  # >= 0
-        status = (
-            "holds" if top == best_value else "inconclusive" if noise is not None and gap <= noise else "does not hold"
-        )
+        judgement = best_of({f"{symbol} = {x:g}": v for x, v in points.items()}, f"{symbol} = {best_value:g}")
         claims.append(
-            Claim(
+            _claim(
                 "Table 4",
                 f"{symbol} = {best_value:g} is the best {symbol} (paper {PAPER_SWEEPS[grid][best_value]})",
-                status,
-                f"best {symbol} = {top:g} ({_fmt(points[top])}); "
-                f"{symbol} = {best_value:g}: {_fmt(points[best_value])}; "
-                + ", ".join(f"{x:g}: {_fmt(v)}" for x, v in sorted(points.items())),
+                judgement,
+                ", ".join(f"{x:g}: {_mean(v)}" for x, v in sorted(points.items())),
             )
         )
-        lowest = min(points)
-        if grid in ("k", "t") and lowest == 1 and best_value in points:
+        if grid in ("k", "t") and 1 in points:
             claims.append(
-                Claim(
+                _pair_claim(
                     "Table 4",
                     f"{symbol} = {best_value:g} beats {symbol} = 1 (paper {PAPER_SWEEPS[grid][best_value]} vs "
                     f"{PAPER_SWEEPS[grid][1]})",
-                    compare(points[best_value], points[1], noise),
-                    f"{_fmt(points[best_value])} vs {_fmt(points[1])} (Δ {points[best_value] - points[1]:+.1f})",
+                    f"{symbol} = {best_value:g}", points[best_value], f"{symbol} = 1", points[1],
                 )
-            )
+            )  # fmt: skip
 
     # Table 5
-    elements = {r.variant: r.metrics.get("rsum") for r in rows if r.grid == "elements"}
+    elements = {variant: values for (grid, _, variant), values in rsum.items() if grid == "elements"}
     full = elements.get("all")
     for side in ("image", "text"):
-        singles = {k: v for k, v in elements.items() if k.startswith(f"{side}_only_") and v is not None}
-        drops = {k: v for k, v in elements.items() if k.startswith(f"{side}_drop_") and v is not None}
-        if full is None or not singles:
+        singles = {k: v for k, v in elements.items() if k.startswith(f"{side}_only_")}
+        drops = {k: v for k, v in elements.items() if k.startswith(f"{side}_drop_")}
+        if not full or not singles:
             continue
-        worse = [k for k, v in singles.items() if v < full]
         claims.append(
-            Claim(
+            _claim(
                 "Table 5",
                 f"every single {side} element alone retrieves worse than the whole set",
-                "holds" if len(worse) == len(singles) else "does not hold",
-                f"all {_fmt(full)}; single elements {_fmt(min(singles.values()))}–{_fmt(max(singles.values()))}",
+                beats_all(full, singles),
+                f"all {_mean(full)}",
             )
         )
         if drops:
-            loss = full - min(drops.values())
             claims.append(
-                Claim(
+                _claim(
                     "Table 5",
-                    f"leaving one {side} element out costs little: each all-but-one set stays within the noise "
-                    "of the whole set" + (" (paper {1,3,4}: 500.2 vs 500.8)" if side == "image" else ""),
-                    "holds" if loss <= (noise or 0.0) else "does not hold",
-                    f"all {_fmt(full)}; all-but-one {_fmt(min(drops.values()))}–{_fmt(max(drops.values()))} "
-                    f"(largest loss {loss:.1f})",
+                    f"leaving one {side} element out costs little: the cost (all − all-but-one) of each element stays "
+                    "below the seed noise"
+                    + (f" σ = {noise:.1f}" if noise is not None else " (no noise estimate)")
+                    + (" (paper {1,3,4}: 500.2 vs 500.8)" if side == "image" else ""),
+                    within(full, drops, noise),
+                    f"all {_mean(full)}",
                 )
             )
     return claims

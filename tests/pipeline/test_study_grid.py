@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -49,42 +50,43 @@ def _all_cells(settings) -> list[Cell]:
 
 def test_default_grids_hold_the_paper_cells_and_share_the_dive_model(tmp_path: Path) -> None:
     cells = _all_cells(DEFAULT)
+    S = DEFAULT.seeds
+    assert S >= 3
     count = {g: sum(c.grid == g for c in cells) for g in GRIDS}
-    assert count == {"main": 6 * DEFAULT.seeds, "similarity_x_head": 12, "k": 6, "t": 6, "alpha": 7, "elements": 1}
+    # Table 3: the six (similarity, head) cells the paper reports, the only ones its claims compare
+    assert count == {"main": 6 * S, "similarity_x_head": 6 * S, "k": 6 * S, "t": 6 * S, "alpha": 7 * S, "elements": S}
+    for grid in GRIDS:  # every grid runs every seed, each label once per seed
+        seeds = {}
+        for c in cells:
+            if c.grid == grid:
+                seeds.setdefault(c.label, []).append(c.seed)
+        assert all(sorted(v) == list(range(S)) for v in seeds.values()), grid
     for cell in cells:  # study settings applied everywhere
         assert (
             cell.params["train"]["ray"]["num_workers"] == 0
             and cell.params["train"]["optim"]["epochs"] == DEFAULT.epochs
         )
         assert cell.params["embed"] == {**cell.params["embed"], "splits": ["test"], "save_attention": False}
+        assert cell.params["seed"] == cell.seed
     stamped, jobs = plan(cells, tmp_path, features=tmp_path / "f.zarr", features_digest="d", relevance=None)
-    # DivE seed 0 is one model for main, smooth_chamfer x slot, K=4, T=4, alpha=16 and the element ablation
-    dive = {
-        c.fingerprint
-        for c in stamped
-        if (c.grid, c.label, c.seed)
-        in {
-            ("main", "dive", 0),
-            ("k", "K=4", 0),
-            ("t", "T=4", 0),
-            ("alpha", "α=16", 0),
-            ("elements", "dive", 0),
-            ("similarity_x_head", "smooth_chamfer × slot", 0),
-        }
-    }
-    assert len(dive) == 1
-    assert len(jobs) == 12 + 11 + 5 + 5 + 6
-    shared = next(j for j in jobs if j.fingerprint in dive)
-    assert [v.name for v in shared.variants][:2] == ["default", "image_only_0"] and len(shared.variants) == 17
+    shared_labels = {("main", "dive"), ("k", "K=4"), ("t", "T=4"), ("alpha", "α=16"), ("elements", "dive"),
+                     ("similarity_x_head", "smooth_chamfer × slot")}  # fmt: skip
+    for seed in range(S):  # DivE of each seed is one model for main, SC x slot, K=4, T=4, alpha=16 and Table 5
+        dive = {c.fingerprint for c in stamped if (c.grid, c.label) in shared_labels and c.seed == seed}
+        assert len(dive) == 1
+        shared = next(j for j in jobs if j.fingerprint in dive)
+        assert [v.name for v in shared.variants][:2] == ["default", "image_only_0"] and len(shared.variants) == 17
+    assert len(jobs) == S * (6 + 5 + 5 + 5 + 6)
     assert len({j.directory for j in jobs}) == len(jobs)
 
 
 def test_grid_cells_change_exactly_what_they_ablate() -> None:
-    cells = {(c.grid, c.label, c.seed): c for c in _all_cells(DEFAULT)}
+    cells = {(c.grid, c.label, c.seed): c for c in _all_cells(replace(DEFAULT, pairs=None))}
     dive = cells[("main", "dive", 0)].params
     assert cells[("main", "dive", 1)].params["seed"] == 1
     k3 = cells[("k", "K=3", 0)].params
     assert k3["train"]["model"]["num_embeddings"] == 3 and {**k3, "train": dive["train"]} == dive
+    assert cells[("k", "K=3", 1)].params == {**k3, "seed": 1}  # the same ablation on the next seed
     assert cells[("t", "T=2", 0)].params["train"]["model"]["head_kwargs"]["num_iterations"] == 2
     assert cells[("alpha", "α=1", 0)].params["train"]["loss"]["kwargs"]["similarity_kwargs"] == {"alpha": 1.0}
     pienet = cells[("similarity_x_head", "max_similarity × pienet", 0)].params["train"]
@@ -104,7 +106,7 @@ def test_quick_grids_are_smaller() -> None:
     cells = _all_cells(QUICK)
     assert all(c.params["train"]["limit_batches"] == QUICK.limit_batches for c in cells)
     _, jobs = plan(cells, "/tmp/unused", features="/tmp/f.zarr", features_digest="d", relevance=None)
-    assert len(jobs) == 12 + 5 + 2 + 1 + 2  # main: 6 systems (PCME++ included) x 2 seeds
+    assert len(jobs) == QUICK.seeds * (6 + 5 + 2 + 1 + 2)  # main: 6 systems (PCME++ included); every grid x seeds
     with pytest.raises(ValueError, match="unknown grid"):
         build_grid("nope", study_base(load_params(REPO / "params.yaml"), QUICK), QUICK)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,8 @@ def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, 
     report = out.read_text()
     only_1 = next(line for line in report.splitlines() if line.startswith("| image: only 1 |"))
     assert (
-        only_1.split("|")[2]
-        == next(line for line in report.splitlines() if "| image: all but 0 |" in line).split("|")[2]
+        only_1.split("|")[3]
+        == next(line for line in report.splitlines() if "| image: all but 0 |" in line).split("|")[3]
     )
     # a kill between two variants: the next run evaluates only what is missing
     lost = next(k for k, v in record["variants"].items() if v["name"] == "text_only_1")
@@ -62,3 +63,28 @@ def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, 
     again = read_record(dive_dir)
     assert summary["ran"] == 1 and lost in again["variants"] and again["train"] == train
     assert again["variants"][lost]["metrics"] == json.loads((dive_dir / "eval" / f"{lost}.json").read_text())
+
+
+def test_plateau_grid_records_the_validation_curve_and_the_study_quotes_it(tmp_path: Path, tiny: Path) -> None:
+    """A tiny ``--grid plateau`` (2 systems x 2 seeds x 3 epochs of 2 batches): per-epoch val RSUM in every record,
+    the curve PNG and table in its report, docs/plateau.json; a later study run names that run as its epochs' source."""
+    params = load_params(tiny)
+    settings = StudySettings(epochs=1, limit_batches=2, seeds=2, plateau_epochs=3, epochs_source="a test")
+    out, cache = tmp_path / "docs" / "plateau.md", tmp_path / "cache"
+    summary = run_study(params, grids=["plateau"], settings=settings, cache=cache, out=out, workers=0)
+    assert summary["ran"] == 4 and not summary["failed"]
+    records = [read_record(d) for d in cache.iterdir()]
+    assert all(len(r["train"]["val_rsum"]) == 3 and r["params"]["train"]["optim"]["epochs"] == 3 for r in records)
+    plateau = json.loads((tmp_path / "docs" / "plateau.json").read_text())
+    assert sorted(plateau["systems"]) == ["dive", "vsepp"] and 1 <= plateau["recommended_epochs"] <= 3
+    assert all(len(s["mean"]) == 3 and s["seeds"] == 2 for s in plateau["systems"].values())
+    report = out.read_text()
+    assert "## Validation curve and plateau epoch" in report and "## Verdict" not in report
+    assert (tmp_path / "docs" / "plateau" / "val_rsum_curve.png").stat().st_size > 1000
+    assert "![validation RSUM per epoch](plateau/val_rsum_curve.png)" in report
+    # the study beside it quotes the curve and says whether its epochs match
+    results = tmp_path / "docs" / "results.md"
+    run_study(params, grids=["elements"], settings=replace(settings, seeds=1), cache=cache, out=results, workers=0)
+    text = results.read_text()
+    assert "## Training length" in text and "Epochs per cell: **1** (a test)" in text
+    assert "measured by `python -m stages.study`" in text
