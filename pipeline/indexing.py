@@ -3,7 +3,8 @@
 Output (``paths.index``), written to a hidden temp dir beside it and renamed into place (never half-written)::
 
     manifest.json   format, split, similarity {"name", "kwargs"} (as trained), model {"digest", "epoch"},
-                    embeddings path, and per database modality: items, set_size, embed_dim, kind
+                    embeddings path, and per database modality: items, set_size, embed_dim, kind (compressed
+                    kinds also: store, the re-ranking array relative to the sub-index; resident_bytes)
     items.json      what search prints, in embedding-store row order (= index item id):
                     images [{"id", "path"}], captions [{"id", "text", "image"}] ("image" = the caption's image id)
     image/          the index over ``<split>/image`` sets: the database of text -> image search
@@ -41,6 +42,7 @@ MANIFEST_JSON, ITEMS_JSON = "manifest.json", "items.json"
 MODALITIES = ("image", "text")  # sub-index names = the modality the database holds
 IVF_TRAIN_POINTS_PER_LIST = 40  # FAISS k-means warns below 39 training points per list
 COMPRESSED = ("ivf_sq8", "ivf_pq")  # = setemb.index.compressed.COMPRESSED_KINDS (not imported here: it loads faiss)
+STORE_FIX = "rebuild the index against the current store: `dvc repro index` (`dvc repro embed` first if it is gone)"
 
 
 def index_modalities(params: Params) -> list[str]:
@@ -164,8 +166,7 @@ def load_database_index(sub_index: str | os.PathLike, *, cache_bytes: int | None
     try:
         return CompressedSetIndex.load(sub_index, cache_bytes=cache_bytes)
     except RerankStoreError as e:
-        raise StageError(f"{e}; rebuild the index against the current store: `dvc repro index` (`dvc repro embed` "
-                         "first if the store is gone)") from None  # fmt: skip
+        raise StageError(f"{e}; {STORE_FIX}") from None
 
 
 def check_database_store(sub_index: str | os.PathLike) -> None:
@@ -179,8 +180,7 @@ def check_database_store(sub_index: str | os.PathLike) -> None:
     try:
         CompressedSetIndex.open_store(sub_index)
     except RerankStoreError as e:
-        raise StageError(f"{e}; rebuild the index against the current store: `dvc repro index` (`dvc repro embed` "
-                         "first if the store is gone)") from None  # fmt: skip
+        raise StageError(f"{e}; {STORE_FIX}") from None
 
 
 def is_compressed(sub_index: Path) -> bool:
