@@ -3,15 +3,22 @@
 Output (``paths.index``), written to a hidden temp dir beside it and renamed into place (never half-written)::
 
     manifest.json   format, split, similarity {"name", "kwargs"} (as trained), model {"digest", "epoch"},
-                    embeddings path, and per database modality: items, set_size, embed_dim, kind
+                    embeddings path, and per database modality: items, set_size, embed_dim, kind (compressed
+                    kinds also: store, the re-ranking array relative to the sub-index; resident_bytes)
     items.json      what search prints, in embedding-store row order (= index item id):
                     images [{"id", "path"}], captions [{"id", "text", "image"}] ("image" = the caption's image id)
-    image/          SetIndex over ``<split>/image`` sets: the database of text -> image search
-    text/           SetIndex over ``<split>/text`` sets: the database of image -> caption search
+    image/          the index over ``<split>/image`` sets: the database of text -> image search
+    text/           the index over ``<split>/text`` sets: the database of image -> caption search
 
 Index item ids are row numbers of the embedding set; ``items.json`` turns them into dataset ids, image paths and
 caption texts (read from the Karpathy JSON; when it is absent only the ids are known). ``index.kind: auto`` picks
 flat or IVF by size (``setemb.index.default_index_params``); ``nlist`` / ``nprobe`` override the IVF defaults.
+
+Kinds ``flat`` / ``ivf`` / ``hnsw`` write a ``setemb.index.SetIndex`` (FAISS float32 element copies + its own
+re-ranking vectors). Kinds ``ivf_sq8`` / ``ivf_pq`` write a ``setemb.index.compressed.CompressedSetIndex``: element
+codes only (``index.faiss`` + ``config.json``); it re-ranks from ``<embeddings>/<split>/<modality>`` of the embedding
+store itself, recorded as a path relative to the sub-index directory plus a signature of the array, so the store
+must stay where `stages.embed` wrote it; `load_database_index` refuses a missing or changed store in one line.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ INDEX_FORMAT = "setemb.search_index/1"
 MANIFEST_JSON, ITEMS_JSON = "manifest.json", "items.json"
 MODALITIES = ("image", "text")  # sub-index names = the modality the database holds
 IVF_TRAIN_POINTS_PER_LIST = 40  # FAISS k-means warns below 39 training points per list
+COMPRESSED = ("ivf_sq8", "ivf_pq")  # = setemb.index.compressed.COMPRESSED_KINDS (not imported here: it loads faiss)
+STORE_FIX = "rebuild the index against the current store: `dvc repro index` (`dvc repro embed` first if it is gone)"
 
 
 def index_modalities(params: Params) -> list[str]:
@@ -42,25 +51,27 @@ def index_modalities(params: Params) -> list[str]:
 
 
 def index_kwargs(params: Params, num_items: int, num_elements: int) -> dict[str, Any]:
-    """``SetIndex`` kind / IVF / HNSW / storage kwargs for a database of ``num_items`` sets of ``num_elements``.
+    """Index constructor kwargs for a database of ``num_items`` sets of ``num_elements``: ``SetIndex`` kwargs (kind /
+    IVF / HNSW / storage) or, for ``ivf_sq8`` / ``ivf_pq``, ``CompressedSetIndex`` kwargs (IVF / PQ / re-rank depth /
+    cache bound).
 
     ``kind: auto`` takes ``default_index_params``; ``nlist`` / ``nprobe`` from params win over the defaults. An
-    explicit ``ivf`` without ``nlist`` uses ~sqrt(E) lists (E = elements), capped so each list has training points.
+    explicit IVF kind without ``nlist`` uses ~sqrt(E) lists (E = elements), capped so each list has training points.
     """
     from setemb.index import default_index_params
 
     p = params.index
     total = max(1, num_items * num_elements)
     chosen = default_index_params(num_items, num_elements) if p.kind == "auto" else {"kind": p.kind}
-    kwargs: dict[str, Any] = {
-        "kind": chosen["kind"],
-        "candidates_per_element": p.candidates_per_element,
-        "hnsw_m": p.hnsw_m,
-        "ef_search": p.ef_search,
-        "storage_dtype": p.storage_dtype,
-        "seed": params.seed,
-    }
-    if chosen["kind"] == "ivf":
+    kind = chosen["kind"]
+    kwargs: dict[str, Any] = {"kind": kind, "candidates_per_element": p.candidates_per_element, "seed": params.seed}
+    if kind in COMPRESSED:
+        kwargs.update(rerank=p.rerank_depth, cache_bytes=int(p.rerank_cache_mb * 2**20))
+        if kind == "ivf_pq":
+            kwargs.update(pq_m=p.pq_m, pq_bits=p.pq_bits)
+    else:
+        kwargs.update(hnsw_m=p.hnsw_m, ef_search=p.ef_search, storage_dtype=p.storage_dtype)
+    if kind in ("ivf", *COMPRESSED):
         nlist = p.nlist or chosen.get("nlist") or 2 ** round(math.log2(math.sqrt(total)))
         nlist = max(1, min(int(nlist), total // IVF_TRAIN_POINTS_PER_LIST or 1))
         nprobe = p.nprobe or chosen.get("nprobe") or max(16, nlist // 32)
@@ -118,6 +129,72 @@ def _check_model(store_attrs: dict[str, Any], config: dict[str, Any], embeddings
             )
 
 
+def _compressed_preflight(kwargs: dict[str, Any], where: str, N: int, K: int, D: int) -> None:
+    """StageError naming the index param when an ivf_pq database cannot be built (D, training elements)."""
+    if kwargs["kind"] != "ivf_pq":
+        return
+    if D % kwargs["pq_m"]:
+        raise StageError(f"index.pq_m={kwargs['pq_m']} does not divide the embedding width D={D} of {where}; "
+                         f"choose a divisor of {D} for index.pq_m")  # fmt: skip
+    need = 2 ** kwargs["pq_bits"]
+    if min(kwargs["train_size"], N * K) < need:
+        raise StageError(f"index.pq_bits={kwargs['pq_bits']} trains {need} centroids per sub-quantizer, but {where} "
+                         f"has only {N * K} elements ({N} sets x {K}); lower index.pq_bits or use index.kind "
+                         "ivf_sq8 / flat")  # fmt: skip
+
+
+def store_reference(embeddings: Path, name: str, sub_index: Path) -> str:
+    """Path of the embedding set ``name`` of the store at ``embeddings``, relative to the sub-index directory that
+    re-ranks from it (so the index and the store can move together, e.g. another checkout of the repository)."""
+    return os.path.relpath(embeddings.resolve() / name, sub_index.resolve())
+
+
+def load_database_index(sub_index: str | os.PathLike, *, cache_bytes: int | None = None) -> Any:
+    """The index saved in ``sub_index`` (``<paths.index>/<modality>``): a ``SetIndex`` or, by its ``config.json``
+    format, a ``CompressedSetIndex`` attached to its embedding store (``cache_bytes`` overrides its cache bound).
+
+    Raises:
+        StageError: the compressed index's embedding store is missing or changed (one line, with the fix).
+    """
+    from setemb.index import SetIndex
+
+    sub_index = Path(sub_index)
+    if not is_compressed(sub_index):
+        return SetIndex.load(sub_index)
+    from setemb.index.compressed import CompressedSetIndex, RerankStoreError
+
+    try:
+        return CompressedSetIndex.load(sub_index, cache_bytes=cache_bytes)
+    except RerankStoreError as e:
+        raise StageError(f"{e}; {STORE_FIX}") from None
+
+
+def check_database_store(sub_index: str | os.PathLike) -> None:
+    """For a compressed index: its embedding store exists and matches (StageError as `load_database_index`), without
+    loading the codes; nothing to check for the other kinds (they hold their own vectors)."""
+    sub_index = Path(sub_index)
+    if not is_compressed(sub_index):
+        return
+    from setemb.index.compressed import CompressedSetIndex, RerankStoreError
+
+    try:
+        CompressedSetIndex.open_store(sub_index)
+    except RerankStoreError as e:
+        raise StageError(f"{e}; {STORE_FIX}") from None
+
+
+def is_compressed(sub_index: Path) -> bool:
+    """Whether ``sub_index`` holds a ``CompressedSetIndex`` (by the format in its ``config.json``)."""
+    import json
+
+    from setemb.index.compressed import COMPRESSED_FORMAT
+
+    config = sub_index / "config.json"
+    if not config.is_file():
+        raise StageError(f"no index at {sub_index} (no config.json); run `dvc repro index`")
+    return json.loads(config.read_text()).get("format") == COMPRESSED_FORMAT
+
+
 def run_index(
     params: Params,
     *,
@@ -149,6 +226,7 @@ def run_index(
     from pipeline.query import model_digest, read_model_config
     from setemb.embedding_store import EmbeddingStore
     from setemb.index import SetIndex
+    from setemb.index.compressed import CompressedSetIndex
     from setemb.store import IncompleteStoreError
 
     embeddings, model, out = Path(embeddings), Path(model), Path(out)
@@ -196,12 +274,20 @@ def run_index(
             N, K, D = array.shape
             kwargs = index_kwargs(params, N, K)
             logger.info("indexing %s/%s: %d sets x %d x %d, %s", split, modality, N, K, D, kwargs)
-            index = SetIndex(
-                D, K, similarity=similarity["name"], similarity_kwargs=similarity.get("kwargs") or {}, **kwargs
-            )
-            index.add_from_store(array)
-            index.save(staging / modality)
-            manifest["indexes"][modality] = {"items": N, "set_size": K, "embed_dim": D, "kind": kwargs["kind"]}
+            entry = {"items": N, "set_size": K, "embed_dim": D, "kind": kwargs["kind"]}
+            sim = {"similarity": similarity["name"], "similarity_kwargs": similarity.get("kwargs") or {}}
+            if kwargs["kind"] in COMPRESSED:
+                _compressed_preflight(kwargs, f"{embeddings}/{split}/{modality}", N, K, D)
+                compressed = CompressedSetIndex(D, K, **sim, **kwargs)
+                compressed.add_from_store(array)
+                reference = store_reference(embeddings, f"{split}/{modality}", out / modality)
+                compressed.save(staging / modality, store=reference)  # staging is out's sibling: same relative path
+                entry.update(store=reference, resident_bytes=compressed.memory_bytes())
+            else:
+                index = SetIndex(D, K, **sim, **kwargs)
+                index.add_from_store(array)
+                index.save(staging / modality)
+            manifest["indexes"][modality] = entry
         _write_json(staging / ITEMS_JSON, items)
         _write_json(staging / MANIFEST_JSON, manifest)
         replace_dir(staging, out)

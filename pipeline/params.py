@@ -207,18 +207,30 @@ class EvaluateParams(_Strict):
 
 
 class IndexParams(_Strict):
-    """The searchable set index (setemb.index.SetIndex) built from the embedding store."""
+    """The searchable set index built from the embedding store: ``setemb.index.SetIndex`` (flat / ivf / hnsw: float
+    element copies + re-ranking vectors in RAM) or ``setemb.index.compressed.CompressedSetIndex`` (ivf_sq8 / ivf_pq:
+    element codes only, re-ranking from the embedding store on disk)."""
 
     split: Literal["val", "test", "train"] = "test"
     modalities: list[Literal["image", "text"]] = Field(default_factory=lambda: ["image", "text"], min_length=1)
-    kind: Literal["auto", "flat", "ivf", "hnsw"] = "auto"
+    kind: Literal["auto", "flat", "ivf", "hnsw", "ivf_sq8", "ivf_pq"] = "auto"
     candidates_per_element: int = Field(64, gt=0)
     nlist: int | None = Field(None, gt=0)
     nprobe: int | None = Field(None, gt=0)
     hnsw_m: int = Field(32, gt=0)
     ef_search: int = Field(128, gt=0)
     storage_dtype: Literal["float16", "float32"] = "float16"
+    pq_m: int = Field(32, gt=0, description="ivf_pq: sub-quantizers per element (must divide D); bytes = m*bits/8")
+    pq_bits: int = Field(8, ge=1, le=16, description="ivf_pq: bits per sub-quantizer code (2^bits centroids)")
+    rerank_depth: int = Field(64, gt=0, description="ivf_sq8 / ivf_pq: items per query re-ranked exactly (>= k)")
+    rerank_cache_mb: float = Field(64.0, ge=0, description="ivf_sq8 / ivf_pq: re-ranking row cache (MiB; 0 = off)")
     top_k: int = Field(10, gt=0)
+
+    @model_validator(mode="after")
+    def _nprobe_within_nlist(self) -> IndexParams:
+        if self.nlist is not None and self.nprobe is not None and self.nprobe > self.nlist:
+            raise ValueError(f"index.nprobe={self.nprobe} probes more lists than index.nlist={self.nlist} has")
+        return self
 
 
 class ReportParams(_Strict):
@@ -248,6 +260,14 @@ class Params(_Strict):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     index: IndexParams = Field(default_factory=IndexParams)
     report: ReportParams = Field(default_factory=ReportParams)
+
+    @model_validator(mode="after")
+    def _pq_m_divides_the_embedding_width(self) -> Params:
+        D = self.train.model.embed_dim
+        if self.index.kind == "ivf_pq" and D % self.index.pq_m:
+            raise ValueError(f"index.pq_m={self.index.pq_m} must divide the embedding width train.model.embed_dim={D} "
+                             "(ivf_pq cuts each element into pq_m sub-vectors)")  # fmt: skip
+        return self
 
 
 def format_validation_error(err: ValidationError) -> str:

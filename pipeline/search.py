@@ -89,14 +89,14 @@ def run_search(
         `SearchResult`, at most k rows (fewer when the database is smaller).
 
     Raises:
-        ValueError: empty / ambiguous query or k < 1 (usage, exit 2 in the CLI). StageError: missing index, or an
-        index built from another model. FileNotFoundError: no model. BadImageError: unreadable image.
+        ValueError: empty / ambiguous query or k < 1 (usage, exit 2 in the CLI). StageError: missing index, an
+        index built from another model, or a compressed index whose embedding store is missing or changed.
+        FileNotFoundError: no model. BadImageError: unreadable image.
     """
     import numpy as np
 
-    from pipeline.indexing import ITEMS_JSON
+    from pipeline.indexing import ITEMS_JSON, load_database_index
     from pipeline.query import QueryEncoder, model_digest
-    from setemb.index import SetIndex
 
     check_query(query, image)
     k = params.index.top_k if k is None else k
@@ -112,9 +112,9 @@ def run_search(
             f"the index at {index_dir} was built from another model than {model_dir}; run `dvc repro index` or pass "
             f"the --model it was built from ({manifest['model']['path']})"
         )
+    set_index = load_database_index(sub)  # a compressed one: StageError when its embedding store is gone / changed
     encoder = encoder or QueryEncoder(model_dir, params)
     sets = encoder.encode_text([query]) if image is None else encoder.encode_images([image])  # [1, L, D]
-    set_index = SetIndex.load(sub)
     scores, rows = set_index.search(sets, k=k)  # [1, k], [1, k]
     items = json.loads((index_dir / ITEMS_JSON).read_text())
     table = items["images"] if database == "image" else items["captions"]

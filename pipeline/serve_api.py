@@ -72,6 +72,9 @@ class ServeSettings(BaseModel):
     params: str = Field("params.yaml", description="params.yaml: backbones (extract) the model was trained on")
     features: str | None = Field(None, description="feature store: conv grid of the attention maps (paths.features)")
     shards: int = Field(1, ge=1, le=64, description="index shards per database, each its own deployment")
+    rerank_cache_mb: float | None = Field(
+        None, ge=0, description="compressed indexes: re-ranking cache per shard (MiB); None = index.rerank_cache_mb"
+    )
     token: str | None = Field(None, description=f"bearer token; None = the {TOKEN_ENV} env var, unset = open")
     max_upload_bytes: int = Field(MAX_UPLOAD_BYTES, gt=0)
     max_text_chars: int = Field(MAX_TEXT_CHARS, gt=0)

@@ -14,7 +14,10 @@ Two ways to run it:
   deployment (``SearchIngress``, ``IndexShard_image_0``, ...) with Ray Serve's own ``deployments:`` overrides.
 
 Replicas reserve no CPU by default (``num_cpus: 0``): on a small machine every shard and the ingress fit beside the
-Serve controller; on a cluster set ``ray_actor_options`` per deployment in the config.
+Serve controller; on a cluster set ``ray_actor_options`` per deployment in the config. A shard of a compressed index
+(``index.kind`` ivf_sq8 / ivf_pq) holds element codes only and reads re-ranking vectors from the embedding store, so
+every node running shards must reach the store at the path recorded relative to the index (``rerank_cache_mb`` bounds
+each shard's cache).
 """
 
 from __future__ import annotations
@@ -37,11 +40,11 @@ APP_NAME = "setemb"
 class IndexShard:
     """One row range of one database index (`pipeline.serve_core.ShardSearcher`)."""
 
-    def __init__(self, index: str, database: str, shard: int, num_shards: int) -> None:
+    def __init__(self, index: str, database: str, shard: int, num_shards: int, cache_mb: float | None = None) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # faiss + torch OpenMP pools (setemb.index)
         from pipeline.serve_core import ShardSearcher
 
-        self.searcher = ShardSearcher(index, database, shard, num_shards)
+        self.searcher = ShardSearcher(index, database, shard, num_shards, cache_mb=cache_mb)
         logger.info("shard ready: %s", self.searcher.info())
 
     def search(self, sets: Any, k: int) -> list[list[dict[str, Any]]]:
@@ -100,7 +103,9 @@ def bind_app(settings: ServeSettings, ingress_replicas: int | str = 1) -> Any:
     databases = Catalog(settings.index).databases
     shards = {
         database: [
-            IndexShard.options(name=shard_name(database, s)).bind(settings.index, database, s, settings.shards)
+            IndexShard.options(name=shard_name(database, s)).bind(
+                settings.index, database, s, settings.shards, settings.rerank_cache_mb
+            )
             for s in range(settings.shards)
         ]
         for database in databases
@@ -109,11 +114,15 @@ def bind_app(settings: ServeSettings, ingress_replicas: int | str = 1) -> Any:
 
 
 def check_servable(settings: ServeSettings) -> None:
-    """Fail before starting anything when the index or model is missing, or the index came from another model."""
+    """Fail before starting anything when the index or model is missing, the index came from another model, or a
+    compressed index's embedding store is missing or changed."""
+    from pipeline.indexing import check_database_store
     from pipeline.query import model_digest
     from pipeline.serve_core import Catalog
 
     catalog = Catalog(settings.index)  # FileNotFoundError / ValueError with the `dvc repro index` hint
+    for database in catalog.databases:
+        check_database_store(Path(settings.index) / database)  # StageError with the `dvc repro index` hint
     if model_digest(settings.model) != catalog.manifest["model"]["digest"]:
         raise ValueError(f"the index at {settings.index} was built from another model than {settings.model}; "
                          f"run `dvc repro index` or pass --model {catalog.manifest['model']['path']}")  # fmt: skip

@@ -9,6 +9,12 @@ exhaustive candidates the merged list *equals* the unsharded one. With a flat el
 are a superset of the unsharded candidates that fall in it (a global top-C hit is a top-C hit of its own shard), so the
 merged result is never worse than the unsharded one and equals it whenever that one is exact.
 
+Compressed shards (``ivf_sq8`` / ``ivf_pq``, `setemb.index.compressed.CompressedSetIndex.shard`): each shard holds the
+unsharded index's own codes for its rows (same trained quantizers, copied, not re-encoded) and re-ranks from the same
+embedding store, so every score stays exact; each shard re-ranks its own ``rerank`` best items by the proxy score
+(S shards re-rank S x ``rerank`` items in all), and with exhaustive candidates and re-ranking the merged list equals the
+unsharded one. Each shard holds its own re-ranking cache of the bound the index was built with (or ``cache_mb``).
+
 Matches. Each hit carries, for every query element ``l``, the result element ``k`` it matches best and their cosine
 (``argmax_k cos(q_l, g_k)``) plus the best pair overall: what a client needs to explain a hit and what the search page
 uses to pick the attention map to show.
@@ -129,19 +135,29 @@ def element_matches(query: np.ndarray, result: np.ndarray) -> dict[str, Any]:
 class ShardSearcher:
     """Shard ``shard`` of ``num_shards`` of the ``database`` index written by ``stages.index`` under ``index_dir``.
 
-    One shard is the saved index itself (memory-mapped vectors). Several shards each build a ``SetIndex`` of the same
-    kind and parameters over their row range of the saved float vectors (IVF lists capped at 1 per 40 elements of
-    the shard, as ``stages.index`` does).
+    One shard is the saved index itself (memory-mapped vectors, or a compressed index's codes). Several shards of a
+    ``SetIndex`` each build a ``SetIndex`` of the same kind and parameters over their row range of the saved float
+    vectors (IVF lists capped at 1 per 40 elements of the shard, as ``stages.index`` does); several shards of a
+    compressed index each keep the saved codes of their rows (`CompressedSetIndex.shard`).
+
+    Args:
+        cache_mb: re-ranking cache bound of a compressed index, per shard, in MiB (None: as the index was built).
     """
 
-    def __init__(self, index_dir: str | Path, database: str, shard: int = 0, num_shards: int = 1) -> None:
+    def __init__(self, index_dir: str | Path, database: str, shard: int = 0, num_shards: int = 1,
+                 cache_mb: float | None = None) -> None:  # fmt: skip
+        from pipeline.indexing import load_database_index
         from setemb.index import SetIndex
 
-        full = SetIndex.load(Path(index_dir) / database)
+        cache_bytes = None if cache_mb is None else int(cache_mb * 2**20)
+        full = load_database_index(Path(index_dir) / database, cache_bytes=cache_bytes)
         n = len(full)
         self.lo, self.hi = shard_bounds(n, num_shards)[shard]
         self.database, self.shard, self.num_shards = database, shard, num_shards
-        if num_shards == 1:
+        self.compressed = not isinstance(full, SetIndex)
+        if self.compressed:
+            self.index = full if num_shards == 1 else full.shard(self.lo, self.hi)
+        elif num_shards == 1:
             if not np.array_equal(full.item_ids, np.arange(n)):
                 raise ValueError(f"{index_dir}/{database}: item ids are not the rows 0..{n - 1}")
             self.index = full
@@ -158,12 +174,17 @@ class ShardSearcher:
         self.dim = int(self.index.config["dim"])
 
     def info(self) -> dict[str, Any]:
-        return {"database": self.database, "shard": self.shard, "rows": [self.lo, self.hi],
+        info = {"database": self.database, "shard": self.shard, "rows": [self.lo, self.hi],
                 "kind": self.index.config["kind"]}  # fmt: skip
+        if self.compressed:
+            info["resident_bytes"] = self.index.memory_bytes()
+        return info
 
     def vectors(self, rows: Sequence[int]) -> np.ndarray:
         """``[len(rows), K, D]`` float32 stored sets of global ``rows`` (all inside this shard)."""
         rows = np.asarray(rows, dtype=np.int64)
+        if self.compressed:
+            return self.index.sets(rows)  # global rows, read from the embedding store through the cache
         order = np.argsort(rows)
         out = np.empty((len(rows), self.index.config["num_elements"], self.dim), np.float32)
         if len(rows):

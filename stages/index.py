@@ -50,9 +50,14 @@ def main(
         debug=debug,
     )
     for name, info in manifest["indexes"].items():
+        resident = info.get("resident_bytes")  # compressed kinds: codes + ids + quantizers, the cache bound apart
+        memory = "" if resident is None else (
+            f", {(resident['codes'] + resident['ids'] + resident['coarse']) / 2**20:.2f} MiB resident + re-rank cache "
+            f"<= {resident['cache_bound'] / 2**20:.0f} MiB, re-ranking from {info['store']}"
+        )  # fmt: skip
         typer.echo(
             f"{manifest['split']}/{name}: {info['items']} sets x {info['set_size']} of width {info['embed_dim']} "
-            f"({info['kind']})"
+            f"({info['kind']}{memory})"
         )
     typer.echo(f"index at {out}")
 

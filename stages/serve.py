@@ -39,6 +39,9 @@ def main(
     ),
     shards: int = typer.Option(1, "--shards", min=1, max=64, help="index shards per database (one deployment each)"),
     replicas: int = typer.Option(1, "--replicas", min=1, help="ingress replicas (query encoders)"),
+    rerank_cache_mb: float | None = typer.Option(
+        None, "--rerank-cache-mb", min=0, help="compressed indexes: re-ranking cache per shard, MiB (default: as built)"
+    ),
     max_upload_bytes: int = typer.Option(8 * 1024 * 1024, "--max-upload-bytes", min=1, help="largest request body"),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address (default: a local Ray)"),
     params_path: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml to read"),
@@ -53,7 +56,7 @@ def main(
     settings = ServeSettings(
         index=str(index or params.paths.index), model=str(model or params.paths.model), params=str(params_path),
         features=str(features or params.paths.features), shards=shards, token=token,
-        max_upload_bytes=max_upload_bytes,
+        max_upload_bytes=max_upload_bytes, rerank_cache_mb=rerank_cache_mb,
     )  # fmt: skip
     call(check_servable, settings, debug=debug)
     if host not in ("127.0.0.1", "localhost", "::1") and not token:

@@ -21,15 +21,26 @@ Both hold 8-byte ids per element in their inverted lists. Search, for each query
    `RowCache`, an LRU cache bounded in bytes. Nothing else of the database is resident.
 
 Exactness: the returned scores are exact set similarities; the ranking is exact over the re-ranked items, and the
-recall loss comes only from steps 1-2 (measured in ``benchmarks/bench_search.py``). Tie rule: equal scores rank the
-lower row first; fewer than k results are padded with ``-inf`` / ``-1``.
+recall loss comes only from steps 1-2 (measured in ``benchmarks/bench_search.py``). With every cell probed
+(``nprobe = nlist``), ``candidates_per_element`` >= the elements indexed and ``rerank`` >= the sets indexed, every set
+is re-ranked and the result is the exact top-k. Tie rule: equal scores rank the lower row first; fewer than k results
+are padded with ``-inf`` / ``-1``. At least k items are re-ranked whatever ``rerank`` says.
+
+The store is referenced, never copied: ``save`` records its path (a relative path is resolved against the index
+directory, so an index and its store move together) and a signature (shape, dtype and a digest of a few evenly spaced
+rows); ``load`` refuses a store that is missing or no longer matches with `RerankStoreError`, one line.
+
+Shards: ``shard(lo, hi)`` is an index over database rows ``[lo, hi)`` holding the very codes the full index holds for
+them (same trained quantizers), re-ranking from the same store and answering global rows.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -47,7 +58,26 @@ from setemb.similarity import create_similarity
 logger = logging.getLogger(__name__)
 
 COMPRESSED_KINDS = ("ivf_sq8", "ivf_pq")
-_FORMAT = "setemb.compressed_index/1"
+COMPRESSED_FORMAT = "setemb.compressed_index/1"
+_FORMAT = COMPRESSED_FORMAT
+_SIGNATURE_ROWS = 16  # rows hashed into the store signature
+
+
+class RerankStoreError(ValueError):
+    """The re-ranking store of a saved compressed index is missing, or is not the array the index was built on."""
+
+
+def store_signature(array: Any) -> dict[str, Any]:
+    """Shape, dtype and sha256 of up to 16 evenly spaced rows of ``array [G, K, D]`` (cheap: one sorted read)."""
+    G = int(array.shape[0])
+    rows = np.unique(np.linspace(0, G - 1, min(G, _SIGNATURE_ROWS)).round().astype(np.int64)) if G else np.empty(0, int)
+    sample = np.ascontiguousarray(_read(array, rows)) if G else np.empty(0)
+    return {"shape": [int(n) for n in array.shape], "dtype": str(np.dtype(array.dtype)),
+            "rows_sha256": hashlib.sha256(sample.tobytes()).hexdigest()}  # fmt: skip
+
+
+def _read(array: Any, rows: np.ndarray) -> np.ndarray:
+    return np.asarray(array.oindex[rows] if isinstance(array, zarr.Array) else array[rows])
 
 
 def _normalised(x: np.ndarray) -> np.ndarray:
@@ -90,7 +120,7 @@ class RowCache:
         self.misses += len(missing)
         if missing:
             wanted = rows[missing]
-            block = np.asarray(self.array.oindex[wanted] if isinstance(self.array, zarr.Array) else self.array[wanted])
+            block = _read(self.array, wanted)
             out[missing] = block
             capacity = self.max_bytes // max(1, self.row_bytes)
             if capacity:
@@ -108,9 +138,9 @@ class CompressedSetIndex:
         dim: element width D. num_elements: K, elements per database set.
         kind: ``"ivf_sq8"`` or ``"ivf_pq"``.
         nlist: IVF cells. nprobe: cells visited per query element.
-        pq_m: PQ sub-quantizers (divides D). pq_bits: bits per PQ code.
+        pq_m: PQ sub-quantizers (divides D). pq_bits: bits per PQ code (2^bits centroids per sub-quantizer).
         candidates_per_element: C, element hits per query element.
-        rerank: items re-ranked exactly per query (the top by the proxy score).
+        rerank: items re-ranked exactly per query (the top by the proxy score; at least k).
         similarity, similarity_kwargs: the registered set similarity of the exact re-ranking.
         cache_bytes: bound of the re-ranking row cache.
         train_size: elements sampled for training when ``add_from_store`` trains implicitly. seed: that sample.
@@ -129,13 +159,17 @@ class CompressedSetIndex:
                 raise ValueError(f"{key} must be >= 1, got {value}")
         if kind == "ivf_pq" and dim % pq_m:
             raise ValueError(f"pq_m must divide dim={dim}, got {pq_m}")
+        if kind == "ivf_pq" and pq_bits > 16:
+            raise ValueError(f"pq_bits must be <= 16, got {pq_bits}")
+        if cache_bytes < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {cache_bytes}")
         self.config: dict[str, Any] = dict(
             dim=dim, num_elements=num_elements, kind=kind, nlist=nlist, pq_m=pq_m, pq_bits=pq_bits,
             similarity=similarity, similarity_kwargs=dict(similarity_kwargs or {}), train_size=train_size, seed=seed,
         )  # fmt: skip
         self._similarity = create_similarity(similarity, **self.config["similarity_kwargs"])
         self.nprobe, self.candidates_per_element, self.rerank = nprobe, candidates_per_element, rerank
-        self.cache_bytes = cache_bytes
+        self.cache_bytes = int(cache_bytes)
         self._quantizer = faiss.IndexFlatIP(dim)
         if kind == "ivf_sq8":
             self.faiss_index = faiss.IndexIVFScalarQuantizer(
@@ -144,7 +178,9 @@ class CompressedSetIndex:
         else:
             self.faiss_index = faiss.IndexIVFPQ(self._quantizer, dim, nlist, pq_m, pq_bits, faiss.METRIC_INNER_PRODUCT)
         self.cache: RowCache | None = None
-        self.size = 0
+        self.size = 0  # sets held: database rows [first_row, first_row + size)
+        self.first_row = 0
+        self.store_rows: int | None = None  # rows of the store a shard re-ranks from (None: size)
 
     def __len__(self) -> int:
         return self.size
@@ -157,6 +193,10 @@ class CompressedSetIndex:
         if x.shape[1] != self.config["dim"] or len(x) < self.config["nlist"]:
             raise ValueError(f"sample: expected >= nlist={self.config['nlist']} elements of width "
                              f"{self.config['dim']}, got shape {tuple(x.shape)}")  # fmt: skip
+        if self.config["kind"] == "ivf_pq" and len(x) < 2 ** self.config["pq_bits"]:
+            raise ValueError(f"ivf_pq with pq_bits={self.config['pq_bits']} trains {2 ** self.config['pq_bits']} "
+                             f"centroids per sub-quantizer and needs at least that many elements, got {len(x)}; "
+                             "lower pq_bits or index more sets")  # fmt: skip
         self.faiss_index.train(_normalised(x))
 
     def add(self, sets: Any) -> None:
@@ -168,14 +208,18 @@ class CompressedSetIndex:
             raise ValueError(f"sets: expected [n, {K}, {D}], got shape {tuple(block.shape)}")
         if not self.faiss_index.is_trained:
             raise ValueError("train the index first (train(sample)) or use add_from_store")
+        if self.first_row or self.store_rows is not None:
+            raise ValueError("a shard holds a fixed row range: add to the full index and shard it again")
         self.faiss_index.add(_normalised(block.reshape(-1, D)))
         self.size += len(block)
 
     def attach(self, array: Any) -> None:
-        """Re-rank from ``array [len(self), K, D]`` (zarr / memmap; float16 is enough) through a bounded cache."""
+        """Re-rank from ``array [G, K, D]`` (zarr / memmap; float16 is enough) through a bounded cache; G is
+        ``len(self)`` (a shard: the rows of the store it was cut from)."""
         K, D = self.config["num_elements"], self.config["dim"]
-        if tuple(array.shape) != (self.size, K, D):
-            raise ValueError(f"store: expected [{self.size}, {K}, {D}] (one set per indexed set), "
+        rows = self.size if self.store_rows is None else self.store_rows
+        if tuple(array.shape) != (rows, K, D):
+            raise ValueError(f"store: expected [{rows}, {K}, {D}] (one set per indexed set), "
                              f"got shape {tuple(array.shape)}")  # fmt: skip
         self.cache = RowCache(array, self.cache_bytes)
 
@@ -185,19 +229,34 @@ class CompressedSetIndex:
         Args:
             source: zarr array ``[G, K, D]`` or its path (a group path uses its ``embeddings`` array).
         """
-        array = source
-        if isinstance(source, (str, Path)):
-            array = zarr.open(str(source), mode="r")
-            if isinstance(array, zarr.Group):
-                array = array["embeddings"]
+        array = _open_array(source)
         G = array.shape[0]
         if not self.faiss_index.is_trained:
             n = min(G, max(1, math.ceil(self.config["train_size"] / self.config["num_elements"])))
             rows = np.sort(np.random.default_rng(self.config["seed"]).choice(G, n, replace=False))
-            self.train(np.asarray(array.oindex[rows] if isinstance(array, zarr.Array) else array[rows]))
+            self.train(_read(array, rows))
         for start in range(0, G, block_size):
             self.add(np.asarray(array[start : min(start + block_size, G)]))
         self.attach(array)
+
+    def shard(self, lo: int, hi: int) -> CompressedSetIndex:
+        """An index over database rows ``[lo, hi)`` only: the same trained quantizers and the same codes for those
+        rows (copied, not re-encoded), re-ranking from the same store, returning global rows. Building it briefly
+        holds a second copy of this index's codes (faiss ``clone_index`` then ``reset``)."""
+        if self.cache is None:
+            raise ValueError("no re-ranking store attached: call attach(array) or add_from_store")
+        if not self.first_row <= lo < hi <= self.first_row + self.size:
+            raise ValueError(f"shard rows [{lo}, {hi}) are not inside [{self.first_row}, {self.first_row + self.size})")
+        K = self.config["num_elements"]
+        part = CompressedSetIndex(**self.config, nprobe=self.nprobe, candidates_per_element=self.candidates_per_element,
+                                  rerank=self.rerank, cache_bytes=self.cache_bytes)  # fmt: skip
+        part.faiss_index = faiss.clone_index(self.faiss_index)
+        part.faiss_index.reset()
+        self.faiss_index.copy_subset_to(part.faiss_index, 0, lo * K, hi * K)  # 0: the element ids in [a1, a2)
+        part.first_row, part.size = lo, hi - lo
+        part.store_rows = self.size if self.store_rows is None else self.store_rows
+        part.attach(self.cache.array)
+        return part
 
     # ------------------------------------------------------------------------------------------------ search
     def search(self, queries: Any, k: int = 10) -> tuple[Tensor, Tensor]:
@@ -220,7 +279,7 @@ class CompressedSetIndex:
         cos, hits = self.faiss_index.search(_normalised(q.reshape(Q * L, D)), C)  # [Q*L, C]
         cos, hits = cos.reshape(Q, L, C), hits.reshape(Q, L, C)
         for i in range(Q):
-            items = self._prerank(cos[i], hits[i])  # [R] ascending rows
+            items = self._prerank(cos[i], hits[i], max(self.rerank, k))  # [R] ascending rows
             if len(items) == 0:
                 continue
             candidates = torch.from_numpy(self.cache.get(items))  # [R, K, D]
@@ -231,7 +290,7 @@ class CompressedSetIndex:
             scores[i, :kk], rows[i, :kk] = top[:kk], torch.from_numpy(items)[order[:kk]]
         return scores, rows
 
-    def _prerank(self, cos: np.ndarray, hits: np.ndarray) -> np.ndarray:
+    def _prerank(self, cos: np.ndarray, hits: np.ndarray, rerank: int) -> np.ndarray:
         """``cos, hits [L, C]`` of one query -> the top-``rerank`` candidate rows by the proxy score, ascending."""
         L, C = hits.shape
         valid = hits >= 0
@@ -244,10 +303,19 @@ class CompressedSetIndex:
         element = np.repeat(np.arange(L), C).reshape(L, C)[valid]
         np.maximum.at(best, (element, inverse), cos[valid])
         proxy = best.sum(0)  # [U]
-        if len(unique) > self.rerank:
-            keep = np.lexsort((unique, -proxy))[: self.rerank]  # by proxy, ties to the lower row
+        if len(unique) > rerank:
+            keep = np.lexsort((unique, -proxy))[:rerank]  # by proxy, ties to the lower row
             unique = np.sort(unique[keep])
         return unique.astype(np.int64)
+
+    def sets(self, rows: Any) -> np.ndarray:
+        """Stored sets ``[P, K, D]`` float32 of database ``rows [P]`` (any order), read through the cache."""
+        if self.cache is None:
+            raise ValueError("no re-ranking store attached: call attach(array) or add_from_store")
+        rows = np.asarray(rows, dtype=np.int64)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        out = self.cache.get(unique) if len(unique) else np.empty((0, *self.cache.array.shape[1:]), np.float32)
+        return out[inverse]
 
     # ------------------------------------------------------------------------------------------------ memory / io
     def memory_bytes(self) -> dict[str, int]:
@@ -262,30 +330,76 @@ class CompressedSetIndex:
         return {"codes": codes, "ids": n * 8, "coarse": coarse, "cache_bound": self.cache_bytes}
 
     def save(self, directory: str | Path, store: str | Path) -> None:
-        """Write ``index.faiss`` and ``config.json`` (with the re-ranking ``store`` path) to ``directory``."""
+        """Write ``index.faiss`` and ``config.json`` to ``directory``: the re-ranking ``store`` path (a relative path
+        is resolved against ``directory`` on load) and the signature of the attached store."""
+        if self.cache is None:
+            raise ValueError("no re-ranking store attached: call attach(array) or add_from_store")
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.faiss_index, str(out / "index.faiss"))
         search = dict(nprobe=self.nprobe, candidates_per_element=self.candidates_per_element, rerank=self.rerank,
                       cache_bytes=self.cache_bytes)  # fmt: skip
-        meta = {"format": _FORMAT, "size": self.size, "store": str(store), "config": {**self.config, **search}}
+        meta = {"format": _FORMAT, "size": self.size, "first_row": self.first_row, "store_rows": self.store_rows,
+                "store": str(store), "store_signature": store_signature(self.cache.array),
+                "config": {**self.config, **search}}  # fmt: skip
         (out / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
+    @staticmethod
+    def open_store(directory: str | Path, store: str | Path | None = None) -> zarr.Array:
+        """The re-ranking array of the index saved in ``directory`` (or ``store`` in place of the recorded path),
+        checked against the recorded signature; `RerankStoreError` (one line) when missing or different."""
+        src = Path(directory)
+        meta = json.loads((src / "config.json").read_text())
+        path = Path(meta["store"] if store is None else store)
+        path = path if path.is_absolute() else src / path
+        try:
+            array = _open_array(path)
+        except (FileNotFoundError, KeyError) as e:
+            raise RerankStoreError(f"the compressed index at {src} re-ranks from {os.path.normpath(path)}, which is "
+                                   f"missing ({type(e).__name__}: {e})") from None  # fmt: skip
+        expected = meta.get("store_signature")
+        if expected is not None and (found := store_signature(array)) != expected:
+            if (found["shape"], found["dtype"]) != (expected["shape"], expected["dtype"]):
+                change = f"is {found['shape']} {found['dtype']} but was {expected['shape']} {expected['dtype']}"
+            else:
+                change = "holds other vectors (sampled rows differ)"
+            raise RerankStoreError(f"the compressed index at {src} re-ranks from {os.path.normpath(path)}, which "
+                                   f"{change} when the index was built")  # fmt: skip
+        return array
+
     @classmethod
-    def load(cls, directory: str | Path) -> CompressedSetIndex:
-        """Rebuild an index written by ``save`` and attach its store (opened read-only)."""
+    def load(cls, directory: str | Path, *, store: str | Path | None = None,
+             cache_bytes: int | None = None) -> CompressedSetIndex:  # fmt: skip
+        """Rebuild an index written by ``save`` and attach its store (opened read-only, checked by `open_store`).
+
+        Args:
+            store: re-rank from this array path instead of the recorded one. cache_bytes: override the cache bound.
+        """
         src = Path(directory)
         meta = json.loads((src / "config.json").read_text())
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{src}: expected format {_FORMAT!r}, got {meta.get('format')!r}")
-        index = cls(**meta["config"])
+        array = cls.open_store(src, store)
+        config = dict(meta["config"])
+        if cache_bytes is not None:
+            config["cache_bytes"] = int(cache_bytes)
+        index = cls(**config)
         index.faiss_index = faiss.read_index(str(src / "index.faiss"))
-        index.size = meta["size"]
+        index.size, index.first_row, index.store_rows = meta["size"], meta.get("first_row", 0), meta.get("store_rows")
         if index.faiss_index.ntotal != index.size * index.config["num_elements"]:
             raise ValueError(f"{src}: inconsistent index ({meta['size']} sets expected)")
-        array = zarr.open(meta["store"], mode="r")
-        index.attach(array["embeddings"] if isinstance(array, zarr.Group) else array)
+        index.attach(array)
         return index
 
 
-__all__ = ["COMPRESSED_KINDS", "CompressedSetIndex", "RowCache"]
+def _open_array(source: Any) -> Any:
+    """A zarr array (or array-like) from ``source``: an array, or the path of an array or of a group holding an
+    ``embeddings`` array (the `setemb.embedding_store` layout); FileNotFoundError / KeyError when absent."""
+    if not isinstance(source, (str, Path)):
+        return source
+    array = zarr.open(str(source), mode="r")
+    return array["embeddings"] if isinstance(array, zarr.Group) else array
+
+
+__all__ = ["COMPRESSED_FORMAT", "COMPRESSED_KINDS", "CompressedSetIndex", "RerankStoreError", "RowCache",
+           "store_signature"]  # fmt: skip

@@ -1,15 +1,18 @@
 """The Ray Serve app (pipeline/serve_app.py, serve_api.py, serve_page/) against ONE running instance per session.
 
 A module fixture builds a tiny real chain (shapes -> extract with the packaged backbones -> one short epoch ->
-embed -> index), then starts the app on loopback with 3 index shards per database and a bearer token. Every test talks
-HTTP to it: results are checked against the unsharded saved index and brute force, bad input must get a 4xx with one
-clear message while the server keeps answering, and the search page is driven in headless Chromium (Playwright).
+embed -> index), then starts the app on loopback with 3 index shards per database and a bearer token. The image
+database is a flat ``SetIndex``; the caption database is a compressed ``ivf_pq`` index built by the same stage (its
+shards keep codes only and re-rank from the embedding store). Every test talks HTTP to it: results are checked
+against the unsharded saved index and brute force, bad input must get a 4xx with one clear message while the server
+keeps answering, and the search page is driven in headless Chromium (Playwright).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import socket
 import zlib
 from pathlib import Path
@@ -23,13 +26,14 @@ from PIL import Image
 
 from pipeline.embedding import run_embed
 from pipeline.feature_cache import run_extract
-from pipeline.indexing import run_index
+from pipeline.indexing import MANIFEST_JSON, load_database_index, run_index
 from pipeline.params import load_params
 from pipeline.query import QueryEncoder
 from pipeline.ray_train import run_training
 from pipeline.shapes import generate_shapes
 from setemb.embedding_store import EmbeddingStore
 from setemb.index import SetIndex
+from setemb.index.compressed import CompressedSetIndex
 from setemb.similarity import score
 
 pytestmark = pytest.mark.ray
@@ -71,8 +75,23 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> dict:
     run_embed(params, features=root / "f.zarr", model=root / "model", out=root / "emb.zarr", quiet=True)
     run_index(params, embeddings=root / "emb.zarr", model=root / "model", out=root / "index",
               dataset_json=data / "dataset.json", image_root=data / "images")  # fmt: skip
+    _compress_text_database(config, root)
     return {"root": root, "data": data, "params_file": params_file, "params": params,
             "store": EmbeddingStore.open(root / "emb.zarr")}  # fmt: skip
+
+
+def _compress_text_database(config: dict, root: Path) -> None:
+    """Swap ``index/text`` for an ivf_pq index of the same captions, written by `run_index` into a sibling directory
+    (same depth: its store reference, relative to the sub-index, stays valid); the manifest entry follows."""
+    pq = {**config, "index": {**config["index"], "kind": "ivf_pq", "pq_m": 4, "pq_bits": 4}}  # 36 elements >= 16
+    (root / "pq.yaml").write_text(yaml.safe_dump(pq))
+    built = run_index(load_params(root / "pq.yaml"), embeddings=root / "emb.zarr", model=root / "model",
+                      out=root / "index_pq", modalities=["text"])  # fmt: skip
+    shutil.rmtree(root / "index" / "text")
+    (root / "index_pq" / "text").rename(root / "index" / "text")
+    manifest = json.loads((root / "index" / MANIFEST_JSON).read_text())
+    manifest["indexes"]["text"] = built["indexes"]["text"]
+    (root / "index" / MANIFEST_JSON).write_text(json.dumps(manifest))
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +123,7 @@ def encoder(chain: dict) -> QueryEncoder:
 
 
 def unsharded(chain: dict, database: str, sets: torch.Tensor, k: int) -> tuple[list[int], list[float]]:
-    index = SetIndex.load(chain["root"] / "index" / database)
+    index = load_database_index(chain["root"] / "index" / database)  # image: SetIndex, text: CompressedSetIndex
     scores, rows = index.search(sets, k=k)
     return rows[0].tolist(), scores[0].tolist()
 
@@ -114,6 +133,12 @@ def brute_force(chain: dict, database: str, sets: torch.Tensor, k: int) -> list[
     _, rows = score(sets, chain["store"][f"test/{database}"].embeddings, similarity["name"], topk=k,
                     **similarity["kwargs"])  # fmt: skip
     return rows[0].tolist()
+
+
+def test_the_caption_database_is_compressed(chain: dict) -> None:
+    assert isinstance(load_database_index(chain["root"] / "index" / "image"), SetIndex)
+    text = load_database_index(chain["root"] / "index" / "text")
+    assert isinstance(text, CompressedSetIndex) and text.config["kind"] == "ivf_pq" and len(text) == N_TEST * CPI
 
 
 def test_health_reports_databases_and_shards(server: dict, chain: dict) -> None:

@@ -1,5 +1,6 @@
-"""pipeline/serve_core.py without Ray or HTTP: shard bounds, the exact shard merge against the unsharded index,
-element matches against a naive loop, and the checks of untrusted input (text, k, sets, uploads)."""
+"""pipeline/serve_core.py without Ray or HTTP: shard bounds, the exact shard merge against the unsharded index (float
+and compressed kinds), element matches against a naive loop, and the checks of untrusted input (text, k, sets,
+uploads)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -24,6 +27,8 @@ from pipeline.serve_core import (
     shard_bounds,
 )
 from setemb.index import SetIndex
+from setemb.index.compressed import CompressedSetIndex
+from setemb.similarity import score
 
 
 @given(n=st.integers(1, 500), s=st.integers(1, 20))
@@ -128,3 +133,58 @@ def test_decode_upload_accepts_images_and_refuses_bad_ones() -> None:
         with pytest.raises(ServeError) as e:
             decode_upload(data, max_pixels=1_000_000)
         assert e.value.status == status, (data[:20], str(e.value))
+
+
+def _saved_compressed(tmp_path: Path, kind: str, G: int, K: int, Dm: int, seed: int, exhaustive: bool) -> Path:
+    """A compressed index over a float32 Zarr store of ``G`` sets, saved as ``<tmp>/image`` (the stage's layout:
+    store referenced relative to the sub-index). ``exhaustive``: all cells, all elements, every set re-ranked."""
+    rng = np.random.default_rng(seed)
+    sets = rng.normal(size=(G, K, Dm)).astype(np.float32)
+    sets /= np.linalg.norm(sets, axis=-1, keepdims=True)
+    array = zarr.create_array(str(tmp_path / "emb.zarr"), shape=sets.shape, chunks=(16, K, Dm), dtype="float32")
+    array[:] = sets
+    search = dict(nprobe=4, candidates_per_element=G * K, rerank=G) if exhaustive else \
+        dict(nprobe=1, candidates_per_element=4, rerank=4)  # fmt: skip
+    extra = {"pq_m": 4, "pq_bits": 4} if kind == "ivf_pq" else {}
+    index = CompressedSetIndex(Dm, K, kind=kind, nlist=4, **search, **extra)
+    index.add_from_store(zarr.open_array(str(tmp_path / "emb.zarr"), mode="r"))
+    index.save(tmp_path / "image", store="../emb.zarr")
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", ["ivf_sq8", "ivf_pq"])
+@pytest.mark.parametrize("shards", [2, 3, 5])
+def test_merged_compressed_shards_equal_the_unsharded_compressed_index(tmp_path: Path, kind: str, shards: int):
+    """Exhaustive candidates and re-ranking: the merged top-k of S compressed shards is the unsharded top-k of the
+    same kind (rows, exact scores), which is the brute-force top-k; matches are computed from the stored sets."""
+    root = _saved_compressed(tmp_path, kind, G=60, K=3, Dm=8, seed=shards, exhaustive=True)
+    parts = [ShardSearcher(root, "image", s, shards) for s in range(shards)]
+    assert [p.info()["rows"] for p in parts] == [list(b) for b in shard_bounds(60, shards)]
+    assert {p.info()["kind"] for p in parts} == {kind} and all(p.info()["resident_bytes"]["codes"] for p in parts)
+    full = CompressedSetIndex.load(root / "image")
+    stored = np.asarray(zarr.open_array(str(root / "emb.zarr"), mode="r")[:])
+    for L, k in ((1, 7), (3, 12), (2, 60)):
+        query = np.random.default_rng(L).normal(size=(1, L, 8)).astype(np.float32)
+        merged = merge_topk([p.search(query, k)[0] for p in parts], k)
+        scores, rows = full.search(query, k=k)
+        assert [h["row"] for h in merged] == rows[0].tolist()
+        np.testing.assert_allclose([h["score"] for h in merged], scores[0].numpy(), rtol=1e-6, atol=1e-6)
+        _, exact = score(torch.from_numpy(query), torch.from_numpy(stored), "smooth_chamfer", topk=k)
+        assert rows[0].tolist() == exact[0].tolist()
+        for hit in merged[:3]:
+            assert hit["matches"] == element_matches(query[0], stored[hit["row"]])["matches"]
+
+
+def test_compressed_shards_keep_exact_scores_and_take_a_cache_bound(tmp_path: Path) -> None:
+    """Few candidates (C = 4, one cell, rerank 4): not exhaustive, yet every merged score is the exact similarity of
+    its row; ``cache_mb`` overrides the bound each shard's re-ranking cache was built with."""
+    root = _saved_compressed(tmp_path, "ivf_pq", G=200, K=4, Dm=8, seed=0, exhaustive=False)
+    parts = [ShardSearcher(root, "image", s, 3, cache_mb=0.01) for s in range(3)]
+    assert all(p.index.cache.max_bytes == int(0.01 * 2**20) for p in parts)
+    stored = torch.from_numpy(np.asarray(zarr.open_array(str(root / "emb.zarr"), mode="r")[:]))
+    query = np.random.default_rng(9).normal(size=(1, 3, 8)).astype(np.float32)
+    merged = merge_topk([p.search(query, 10)[0] for p in parts], 10)
+    assert merged and [h["score"] for h in merged] == sorted((h["score"] for h in merged), reverse=True)
+    own, _ = score(torch.from_numpy(query), stored[[h["row"] for h in merged]], "smooth_chamfer", topk=len(merged))
+    np.testing.assert_allclose(sorted(h["score"] for h in merged), sorted(own[0].tolist()), rtol=1e-5, atol=1e-6)
+    assert all(p.index.cache.nbytes <= int(0.01 * 2**20) for p in parts)

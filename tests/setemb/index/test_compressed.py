@@ -3,14 +3,16 @@ on clustered sets, the proxy pre-rank, save/load, and its argument checks."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
 import zarr
 
-from setemb.index.compressed import CompressedSetIndex, RowCache
+from setemb.index.compressed import CompressedSetIndex, RerankStoreError, RowCache
 from setemb.similarity import score
 
 G, K, D = 1500, 4, 32
@@ -125,3 +127,130 @@ def test_argument_checks() -> None:
         index.search(np.zeros((1, 2, D), np.float32))
     with pytest.raises(ValueError, match="expected \\[3, 4, 32\\]"):
         index.attach(np.zeros((2, K, D), np.float16))
+
+
+# ------------------------------------------------------------------------------------ memory, store reference, shards
+def _float32_store(path: Path, sets: np.ndarray) -> zarr.Array:
+    """``sets`` as a float32 zarr array chunked like the embedding store (the layout the index re-ranks from)."""
+    array = zarr.create_array(str(path), shape=sets.shape, chunks=(256, *sets.shape[1:]), dtype="float32",
+                              overwrite=True)  # fmt: skip
+    array[:] = sets
+    return zarr.open_array(str(path), mode="r")
+
+
+def _numpy_bytes(obj: object, seen: set[int] | None = None) -> int:
+    """Bytes of the numpy arrays reachable from ``obj``'s attributes (one level into dicts, lists and objects)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_numpy_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_numpy_bytes(v, seen) for v in obj)
+    if hasattr(obj, "__dict__") and not isinstance(obj, (zarr.Array, type)):
+        return sum(_numpy_bytes(v, seen) for v in vars(obj).values())
+    return 0
+
+
+@pytest.mark.parametrize(("kind", "extra", "code_bytes"), [("ivf_sq8", {}, 128), ("ivf_pq", {"pq_m": 16}, 16)])
+def test_resident_memory_is_codes_not_float_copies_of_the_database(tmp_path: Path, kind, extra, code_bytes) -> None:
+    """4,000 sets x 4 x 128: the float16 copy of the store would be 4.1 MB. What the index holds -- everything faiss
+    serialises (codes, ids, quantizers) plus the numpy arrays it references plus its bounded cache -- is the codes
+    (SQ8: D bytes, PQ: m bytes per element, + 8-byte ids), never a float copy, before and after a save/load."""
+    G4, K4, D4 = 4000, 4, 128
+    rng = np.random.default_rng(3)
+    sets = rng.normal(size=(G4, K4, D4)).astype(np.float32)
+    sets /= np.linalg.norm(sets, axis=-1, keepdims=True)
+    array = _float32_store(tmp_path / "store.zarr", sets)
+    float16_bytes = G4 * K4 * D4 * 2
+    cache = 64 * K4 * D4 * 4  # 64 float32 rows
+    bound = {"ivf_sq8": 0.6, "ivf_pq": 0.2}[kind]  # SQ8: 1 byte per dim (float16: 2); PQ: 16 of 256 bytes + codebooks
+    index = CompressedSetIndex(D4, K4, kind=kind, nlist=32, nprobe=8, rerank=16, cache_bytes=cache, **extra)
+    index.add_from_store(array)
+    index.save(tmp_path / "ix", store=tmp_path / "store.zarr")
+    for held in (index, CompressedSetIndex.load(tmp_path / "ix")):
+        held.search(sets[:30] + 0.05 * rng.normal(size=(30, K4, D4)).astype(np.float32), k=10)
+        memory = held.memory_bytes()
+        assert memory["codes"] == G4 * K4 * code_bytes and memory["ids"] == G4 * K4 * 8
+        faiss_bytes = faiss.serialize_index(held.faiss_index).nbytes  # all faiss holds, quantizers included
+        assert faiss_bytes <= memory["codes"] + memory["ids"] + memory["coarse"] + 4096
+        assert 0 < held.cache.nbytes <= cache
+        arrays = _numpy_bytes(held)  # the cached rows and small bookkeeping, nothing database-sized
+        assert arrays <= held.cache.nbytes + 16 * 1024
+        resident = faiss_bytes + arrays
+        assert resident < bound * float16_bytes, (resident, float16_bytes)
+    assert sum(f.stat().st_size for f in (tmp_path / "ix").iterdir()) < bound * float16_bytes  # no vectors on disk
+
+
+def test_load_resolves_a_relative_store_and_refuses_a_missing_or_changed_one(store, tmp_path, monkeypatch) -> None:
+    array, database, queries = store
+    root = tmp_path / "repo"
+    copy = _float32_store(root / "emb.zarr", database)
+    index = CompressedSetIndex(D, K, nlist=8, nprobe=8)
+    index.add_from_store(copy)
+    index.save(root / "index" / "image", store="../../emb.zarr")  # relative to the index directory
+    expected = index.search(queries, 5)
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
+    moved = tmp_path / "moved"
+    root.rename(moved)  # index and store move together
+    loaded = CompressedSetIndex.load(moved / "index" / "image")
+    torch.testing.assert_close(loaded.search(queries, 5), expected)
+
+    rows = zarr.open_array(str(moved / "emb.zarr"), mode="r+")
+    rows[:] = -database  # same shape and dtype, other vectors (a re-embedded store)
+    with pytest.raises(RerankStoreError, match=r"emb\.zarr, which holds other vectors .* when the index was built"):
+        CompressedSetIndex.load(moved / "index" / "image")
+    _float32_store(moved / "emb.zarr", database[:-1])  # one set fewer
+    with pytest.raises(RerankStoreError, match=r"is \[1499, 4, 32\] float32 but was \[1500, 4, 32\] float32"):
+        CompressedSetIndex.open_store(moved / "index" / "image")
+    shutil.rmtree(moved / "emb.zarr")
+    with pytest.raises(RerankStoreError, match=r"re-ranks from .*moved/emb\.zarr, which is missing") as e:
+        CompressedSetIndex.load(moved / "index" / "image")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(("kind", "extra"), [("ivf_sq8", {}), ("ivf_pq", {"pq_m": 8})])
+def test_a_shard_holds_the_full_index_codes_for_its_rows(store, kind, extra) -> None:
+    """Shard [lo, hi): its element hits are the full index's hits inside those rows, with the same approximate
+    cosines (same quantizers, codes copied); search results are global rows, scored exactly from the same store."""
+    array, database, queries = store
+    full = CompressedSetIndex(D, K, kind=kind, nlist=16, nprobe=16, candidates_per_element=G * K, rerank=G, **extra)
+    full.add_from_store(array)
+    lo, hi = 400, 900
+    part = full.shard(lo, hi)
+    assert len(part) == hi - lo and part.faiss_index.ntotal == (hi - lo) * K
+    q = queries[:3].reshape(-1, D)
+    full.faiss_index.nprobe = part.faiss_index.nprobe = 4  # the same 4 of 16 cells for both
+    full_cos, full_ids = full.faiss_index.search(q, G * K)
+    part_cos, part_ids = part.faiss_index.search(q, (hi - lo) * K)
+    for e in range(len(q)):
+        inside = (full_ids[e] >= lo * K) & (full_ids[e] < hi * K)
+        found = part_ids[e] >= 0
+        assert 0 < found.sum() < (hi - lo) * K  # some, not all: the element search is approximate
+        assert dict(zip(part_ids[e][found].tolist(), part_cos[e][found].tolist(), strict=True)) == pytest.approx(
+            dict(zip(full_ids[e][inside].tolist(), full_cos[e][inside].tolist(), strict=True)), abs=1e-6
+        )
+    scores, rows = part.search(queries, k=5)
+    assert ((rows >= lo) & (rows < hi)).all()
+    exact, exact_rows = _exact(queries, database[lo:hi], 5)
+    torch.testing.assert_close(rows, exact_rows + lo)
+    torch.testing.assert_close(scores, exact, atol=3e-3, rtol=0)  # float16 store
+    np.testing.assert_array_equal(part.sets([lo + 3, lo]), np.asarray(array[[lo + 3, lo]], dtype=np.float32))
+    with pytest.raises(ValueError, match="fixed row range"):
+        part.add(database[:1])
+    with pytest.raises(ValueError, match="not inside"):
+        part.shard(0, 10)
+
+
+def test_at_least_k_items_are_reranked_and_pq_training_needs_enough_elements(store) -> None:
+    array, _, queries = store
+    index = CompressedSetIndex(D, K, nlist=4, nprobe=4, rerank=2)
+    index.add_from_store(array)
+    scores, rows = index.search(queries[:2], k=6)
+    assert (rows >= 0).all() and torch.isfinite(scores).all()
+    small = CompressedSetIndex(D, K, kind="ivf_pq", nlist=1, pq_m=8, pq_bits=8)
+    with pytest.raises(ValueError, match="pq_bits=8 trains 256 centroids .* needs at least that many elements, got 40"):
+        small.train(np.asarray(array[:10]))
