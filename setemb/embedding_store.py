@@ -5,7 +5,7 @@ Layout (the shared conventions of ``setemb.store``: format tag, completion marke
     <root>/                       attrs: format, complete, + caller attrs (similarity, model digest, ...)
       <name>/                     e.g. ``test/image``; attrs: count, num_embeddings, embed_dim, attention_tokens,
                                   unit_size, num_units, complete, + caller attrs
-        embeddings [N, K, D] float32       chunked by ``unit_size`` items, zstd
+        embeddings [N, K, D] float32       one shard per ``unit_size`` items, zstd chunks of ``ROWS_PER_CHUNK``
         attention  [N, K, Ntok] float32    only when created with ``attention_tokens``
         ids        [N] string
         caption_to_image [N] int64         only when given (text sets)
@@ -28,6 +28,9 @@ from zarr.codecs import ZstdCodec
 from setemb.store import StoreView, as_numpy, as_strings, check_layout, mark_complete, mark_incomplete, open_for_writing
 
 EMBEDDING_FORMAT = "setemb.embeddings/1"
+# Rows per compressed chunk inside each unit's shard: a compressed index re-ranks a few random rows per query
+# (setemb.index.compressed), and a miss then decodes 16 sets, not a whole 1,024-set unit.
+ROWS_PER_CHUNK = 16
 
 
 # ------------------------------------------------------------------------------------------------ embedding store
@@ -125,7 +128,12 @@ class EmbeddingStoreWriter:
         g = self.root.create_group(name)
         zstd = ZstdCodec(level=3)
         kd = (num_embeddings, embed_dim)
-        g.create_array("embeddings", shape=(n, *kd), chunks=(unit_size, *kd), dtype="float32", compressors=zstd)
+        # one shard per unit (each writer owns whole shard files), small chunks inside it for random row reads
+        rows = max(d for d in range(1, min(ROWS_PER_CHUNK, unit_size) + 1) if unit_size % d == 0)
+        chunk = (rows, *kd)
+        g.create_array(
+            "embeddings", shape=(n, *kd), shards=(unit_size, *kd), chunks=chunk, dtype="float32", compressors=zstd
+        )
         if attention_tokens is not None:
             shape = (n, num_embeddings, attention_tokens)
             g.create_array("attention", shape=shape, chunks=(unit_size, *shape[1:]), dtype="float32", compressors=zstd)

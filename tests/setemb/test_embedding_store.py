@@ -39,3 +39,24 @@ def test_embedding_store_round_trip(tmp_path):
         EmbeddingStore.open(tmp_path / "missing.zarr")
     with pytest.raises(ValueError, match="is not a setemb embedding store"):
         EmbeddingStore.open(tmp_path / "e.zarr" / "test")
+
+
+def test_embeddings_are_sharded_by_unit_with_small_chunks_for_random_row_reads(tmp_path):
+    """Each unit is one shard file (a writer owns whole files), and a random row read decodes one small chunk."""
+    import zarr
+
+    from setemb.embedding_store import ROWS_PER_CHUNK
+
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(70, 2, 8)).astype(np.float32)
+    w = EmbeddingStoreWriter(tmp_path / "e.zarr")
+    w.require_set("a", ids=range(70), num_embeddings=2, embed_dim=8, unit_size=32).write_all(emb)
+    w.require_set("b", ids=range(70), num_embeddings=2, embed_dim=8, unit_size=30).write_all(emb)  # 30 % 16 != 0
+    w.finalize()
+    a = zarr.open_group(str(tmp_path / "e.zarr"), mode="r")["a/embeddings"]
+    assert a.shards == (32, 2, 8) and a.chunks == (ROWS_PER_CHUNK, 2, 8)
+    b = zarr.open_group(str(tmp_path / "e.zarr"), mode="r")["b/embeddings"]
+    assert b.shards == (30, 2, 8) and b.chunks == (15, 2, 8)  # the largest divisor of the unit <= ROWS_PER_CHUNK
+    store = EmbeddingStore.open(tmp_path / "e.zarr")
+    for name in ("a", "b"):
+        assert np.array_equal(store[name].embeddings.numpy(), emb)
