@@ -33,7 +33,7 @@ from setemb.registry import Registry
 VISUAL_BACKBONES: Registry[VisualBackbone] = Registry("visual backbone")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 IMAGE_TRANSFORMS = ("resize", "center_crop")
-DEFAULT_IMAGE_TRANSFORM = "resize"  # = ExtractParams.image_transform's default (tests check they agree)
+DEFAULT_IMAGE_TRANSFORM = "center_crop"  # = ExtractParams.image_transform's default (tests check they agree)
 CROP_PCT = 0.875  # center_crop: the short side is resized to round(input / 0.875), then the centre is kept
 
 

@@ -72,9 +72,9 @@ class ExtractParams(_Strict):
     text_backbone: Literal["minilm", "bert", "glove"] = "minilm"
     image_weights: str | None = None
     image_transform: Literal["resize", "center_crop"] = Field(
-        "resize",
-        description="test-time image transform of the CNN backbones: resize = the whole image squashed to the square "
-        "input; center_crop = resize the short side to input/0.875, keep the centre (drops 23%)",
+        "center_crop",
+        description="test-time image transform of the CNN backbones: center_crop = resize the short side to "
+        "input/0.875, keep the centre (drops 23% of a square image); resize = the whole image squashed to the input",
     )
     text_weights: str | None = None
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
