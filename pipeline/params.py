@@ -71,6 +71,11 @@ class ExtractParams(_Strict):
     image_backbone: Literal["efficientnet_lite0", "resnet152", "resnext101", "precomputed"] = "efficientnet_lite0"
     text_backbone: Literal["minilm", "bert", "glove"] = "minilm"
     image_weights: str | None = None
+    image_transform: Literal["resize", "center_crop"] = Field(
+        "center_crop",
+        description="test-time image transform of the CNN backbones: center_crop = resize the short side to "
+        "input/0.875, keep the centre (drops 23% of a square image); resize = the whole image squashed to the input",
+    )
     text_weights: str | None = None
     splits: list[Literal["train", "val", "test"]] = Field(default_factory=lambda: ["train", "val", "test"])
     dtype: Literal["float16", "float32"] = "float16"

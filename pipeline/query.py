@@ -131,9 +131,20 @@ class QueryEncoder:
                     "image queries need a pixel backbone, but the model was trained on precomputed region features "
                     "(extract.image_backbone: precomputed); search with a text query instead"
                 )
-            self._trained_backbone("image", name)
-            self._visual = create_visual_backbone(name, weights=self.extract.image_weights, device=self.device)
+            summary = self._trained_backbone("image", name)
+            self._visual = create_visual_backbone(
+                name, weights=self.extract.image_weights, device=self.device,
+                image_transform=self.image_transform(summary),
+            )  # fmt: skip
         return self._visual
+
+    def image_transform(self, summary: dict[str, Any]) -> str:
+        """The test-time transform the model's image features were extracted with: the one its feature summary
+        records; ``center_crop`` for a model trained before ``extract.image_transform`` existed (every store was
+        centre-cropped then); ``extract.image_transform`` when the model records no features at all."""
+        if "image_transform" in summary:
+            return str(summary["image_transform"])
+        return "center_crop" if summary.get("backbone") else self.extract.image_transform
 
     # -------------------------------------------------------------------------------------------------- encoding
     @torch.inference_mode()

@@ -136,7 +136,7 @@ def _init_word_vectors(model: torch.nn.Module, features: Path) -> bool:
 
 
 def _feature_summary(attrs: dict[str, Any]) -> dict[str, Any]:
-    keys = ("backbone", "local_dim", "global_dim", "local_dtype", "grid", "max_tokens", "vocab_size")
+    keys = ("backbone", "local_dim", "global_dim", "local_dtype", "grid", "max_tokens", "vocab_size", "image_transform")
     return {k: attrs.get(k) for k in keys if k in attrs}
 
 

@@ -3,8 +3,9 @@
 Attention figures: one PNG per image, the image then one panel per set element k with that element's attention
 ``[h, w]`` over the backbone's conv grid, upsampled bilinearly to the part of the image the backbone saw and alpha
 blended over it with a colormap (each panel normalised by its own maximum; the part outside the centre crop is
-dimmed). The grid maps back through the backbone preprocessing (``pipeline.image_backbones``): resize the short side to
-``round(input / 0.875)`` (256 for 224 px), centre crop ``input`` (`backbone_crop_box`); the grid is row-major
+dimmed). The grid maps back through the backbone preprocessing (``pipeline.image_backbones``, `backbone_crop_box`):
+with ``image_transform: resize`` it covers the whole image; with ``center_crop`` the short side was resized to
+``round(input / 0.875)`` (256 for 224 px) and the centre ``input`` square kept; the grid is row-major
 (``fmap.flatten(2)``), so token ``t`` is cell ``(t // w, t % w)``. Each panel is titled with the caption nearest to
 its element (`nearest_captions`): the caption ``c`` maximising ``max_l cos(v_k, t_{c,l})`` over every caption of the
 split, i.e. the element's best match among all caption set elements, reported as the caption it belongs to.
@@ -30,7 +31,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-CROP_PCT = 0.875  # backbones resize the short side to round(input / 0.875), then centre crop `input`
+CROP_PCT = 0.875  # center_crop: the short side is resized to round(input / 0.875), then centre crop `input`
 DIM_OUTSIDE_CROP = 0.35  # brightness kept outside the crop the backbone saw
 FLOOR_WEIGHT = 0.3  # colormap weight at zero attention, as a fraction of alpha (so the image stays readable)
 FIGURE_DPI = 100
@@ -48,9 +49,16 @@ def spread(n_total: int, n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n_total - 1, n).round()})
 
 
-def backbone_crop_box(width: int, height: int, input_size: int = 224) -> tuple[float, float, float, float]:
-    """``(x0, y0, x1, y1)`` in original pixels of what the backbone saw: torchvision ``Resize(round(input / 0.875))``
-    of the short side, then ``CenterCrop(input)`` (``pipeline.image_backbones``)."""
+def backbone_crop_box(
+    width: int, height: int, input_size: int = 224, transform: str = "center_crop"
+) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` in original pixels of what the backbone saw (``pipeline.image_backbones``): the whole
+    image for ``transform="resize"``; for ``center_crop`` torchvision ``Resize(round(input / 0.875))`` of the short
+    side, then ``CenterCrop(input)``. (The default is the transform of stores that do not record one.)"""
+    if transform == "resize":
+        return 0.0, 0.0, float(width), float(height)
+    if transform != "center_crop":
+        raise ValueError(f"transform must be resize or center_crop, got {transform!r}")
     resize = round(input_size / CROP_PCT)
     if width <= height:
         rw, rh = resize, int(resize * height / width)
@@ -184,6 +192,7 @@ def render_attention_figure(
     panel_px: int = 256,
     colormap: str = "jet",
     alpha: float = 0.6,
+    transform: str = "center_crop",
 ) -> Path:
     """Write one DivE-Figure-4 row: the image, then each element's attention overlaid (PNG, `figure_size` pixels).
 
@@ -191,6 +200,7 @@ def render_attention_figure(
         image: the original image.
         maps: ``[K, h, w]`` attention of the K set elements over the conv grid (`attention_grid`).
         input_size: backbone input side (feature store attr ``image_size``; 224).
+        transform: the backbone's test-time transform (feature store attr ``image_transform``; `backbone_crop_box`).
         titles: K element panel titles, image_title: the image panel's title; each a bold first line and the
             lines below it (`panel_title`).
         path: PNG to write.
@@ -206,7 +216,7 @@ def render_attention_figure(
     fig = Figure(figsize=(width / FIGURE_DPI, height / FIGURE_DPI), dpi=FIGURE_DPI, facecolor="white")
     shown = _fit(image.convert("RGB"), boxes[0][2] - boxes[0][0])
     scale = shown.width / image.width
-    box = [v * scale for v in backbone_crop_box(image.width, image.height, input_size)]
+    box = [v * scale for v in backbone_crop_box(image.width, image.height, input_size, transform)]
     pixels = np.asarray(shown)  # [H', W', 3] uint8
     for i, (left, top, right, bottom) in enumerate(boxes):
         ax = fig.add_axes((left / width, 1 - bottom / height, (right - left) / width, (bottom - top) / height))

@@ -216,6 +216,7 @@ def _figures(rp: Any, image: Any, text: Any, captions: list[str], c2i: Any, path
         with Image.open(paths[i]) as im:
             written.append(render_attention_figure(
                 im.convert("RGB"), maps, input_size=int(attrs.get("image_size") or 224), titles=titles,
+                transform=attrs.get("image_transform") or "center_crop",
                 image_title=panel_title(captions[own], head) if own is not None else head,
                 path=out / f"{b:02d}_{safe_name(image.ids[i])}.png", panel_px=rp.panel_px, colormap=rp.colormap,
                 alpha=rp.alpha,

@@ -179,7 +179,8 @@ class SearchService:
             if math.isqrt(n) ** 2 != n:
                 return []
             grid = (math.isqrt(n), math.isqrt(n))
-        maps = [attention_png(image, row, grid, self.catalog.input_size) for row in att]
+        maps = [attention_png(image, row, grid, self.catalog.input_size, transform=self.catalog.image_transform)
+                for row in att]  # fmt: skip
         return ["data:image/png;base64," + base64.b64encode(png).decode() for png in maps]
 
     async def search_sets(self, database: str, embeddings: Any, k: Any) -> dict[str, Any]:

@@ -234,7 +234,7 @@ class Catalog:
         self.captions: list[dict[str, Any]] = items["captions"]
         self.databases = sorted(self.manifest["indexes"])
         self.split = self.manifest["split"]
-        self._attention, self.grid, self.input_size = None, None, 224
+        self._attention, self.grid, self.input_size, self.image_transform = None, None, 224, "center_crop"
         self._open_attention(features)
 
     def _open_attention(self, features: str | Path | None) -> None:
@@ -256,6 +256,7 @@ class Catalog:
                 attrs = FeatureStore.open(features).modality(self.split, "image").attrs
                 self.grid = tuple(attrs["grid"]) if attrs.get("grid") else None
                 self.input_size = int(attrs.get("image_size") or 224)
+                self.image_transform = attrs.get("image_transform") or "center_crop"  # unrecorded: before the param
             except (FileNotFoundError, KeyError, ValueError, RuntimeError):
                 pass
         if self.grid is None and math.isqrt(tokens) ** 2 == tokens:
@@ -304,13 +305,14 @@ class Catalog:
             raise ServeError(404, f"no set element {element}; image sets have elements 0..{K - 1}")
         heat = np.asarray(self._attention[row, element])  # [Ntok]
         with Image.open(path) as image:
-            return attention_png(image.convert("RGB"), heat, self.grid, self.input_size, side)
+            return attention_png(image.convert("RGB"), heat, self.grid, self.input_size, side, self.image_transform)
 
 
 def attention_png(image: Any, heat: np.ndarray, grid: Sequence[int], input_size: int = 224, side: int = 224,
-                  colormap: str = "jet", alpha: float = 0.6) -> bytes:  # fmt: skip
+                  transform: str = "center_crop", colormap: str = "jet", alpha: float = 0.6) -> bytes:  # fmt: skip
     """``heat [Ntok]`` (row-major over ``grid`` = (h, w), padding beyond) blended over ``image`` (PIL RGB) fitted to
-    ``side`` pixels, with `pipeline.report.overlay_attention` (the report's Figure-4 panels); PNG bytes."""
+    ``side`` pixels, with `pipeline.report.overlay_attention` (the report's Figure-4 panels); PNG bytes. ``transform``
+    is the backbone's test-time transform (`pipeline.report.backbone_crop_box`)."""
     import torch
     from PIL import Image
 
@@ -319,7 +321,7 @@ def attention_png(image: Any, heat: np.ndarray, grid: Sequence[int], input_size:
     scale = side / max(image.size)
     shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
                          Image.Resampling.LANCZOS)  # fmt: skip
-    box = [v * shown.width / image.width for v in backbone_crop_box(image.width, image.height, input_size)]
+    box = [v * shown.width / image.width for v in backbone_crop_box(image.width, image.height, input_size, transform)]
     maps = attention_grid(torch.as_tensor(np.asarray(heat, dtype=np.float32))[None], grid)  # [1, h, w]
     pixels = overlay_attention(np.asarray(shown), maps[0].numpy(), box, colormap, alpha)  # [H, W, 3] uint8
     buffer = io.BytesIO()

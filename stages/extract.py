@@ -29,6 +29,9 @@ def main(
     limit: int | None = typer.Option(
         None, "--limit", min=1, help="only the first N images of each split (smoke tests)"
     ),
+    image_transform: str | None = typer.Option(
+        None, "--image-transform", help="resize | center_crop (default extract.image_transform)"
+    ),
     weights: str | None = typer.Option(None, "--weights", help="image backbone weights file, or 'random'"),
     text_weights: str | None = typer.Option(None, "--text-weights", help="text backbone HF folder (minilm, bert)"),
     dataset_json: Path | None = typer.Option(None, "--dataset-json", help="Karpathy JSON (default paths.dataset_json)"),
@@ -50,6 +53,7 @@ def main(
         "workers": workers,
         "device": device,
         "image_weights": weights,
+        "image_transform": image_transform,
         "text_weights": text_weights,
     }
     extract = call(resolve_extract_params, params.extract, debug=debug, **overrides)

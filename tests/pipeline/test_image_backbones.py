@@ -18,6 +18,7 @@ from pipeline.image_backbones import (
     list_visual_backbones,
     rename_efficientnet_lite0_keys,
 )
+from pipeline.params import ExtractParams
 
 
 def _red_circle(size=(300, 260)) -> Image.Image:
@@ -151,3 +152,71 @@ def test_decode_image(tmp_path):
             decode_image(tmp_path / name)
         assert info.value.path == str(tmp_path / name) and info.value.reason
         assert str(tmp_path / name) in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ test-time transform
+def _corner_marker(size=(128, 128), side=8) -> Image.Image:
+    """White image with a black ``side`` px square in the top-left corner (what a centre crop throws away)."""
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).rectangle((0, 0, side - 1, side - 1), fill=(0, 0, 0))
+    return image
+
+
+def _black(x: torch.Tensor, backbone) -> torch.Tensor:
+    """[H, W] bool: pixels of a preprocessed ``[3, H, W]`` tensor that were black (all channels at their minimum)."""
+    mean, std = backbone.transform.transforms[-1].mean, backbone.transform.transforms[-1].std
+    low = torch.tensor([(0 - m) / s for m, s in zip(mean, std, strict=True)])[:, None, None]  # [3, 1, 1]
+    return (x - low).abs().amax(0) < 0.2  # [H, W]
+
+
+@pytest.mark.parametrize("size", [(128, 128), (300, 200)])
+def test_resize_keeps_the_corner_marker_and_center_crop_drops_it(size):
+    resize = create_visual_backbone("efficientnet_lite0", weights="random", image_transform="resize")
+    crop = create_visual_backbone("efficientnet_lite0", weights="random", image_transform="center_crop")
+    image = _corner_marker(size)
+    kept, dropped = resize.preprocess(image), crop.preprocess(image)  # [3, 224, 224] each
+    assert kept.shape == dropped.shape == (3, 224, 224)
+    S = 224
+    sx, sy = 8 * S / size[0], 8 * S / size[1]  # the marker's extent in the squashed input
+    black = _black(kept, resize)
+    assert black[: int(sy) - 1, : int(sx) - 1].all()  # the whole marker is there, in the top-left corner
+    assert not black[int(sy) + 2 :, :].any() and not black[:, int(sx) + 2 :].any()  # and nothing else is black
+    assert not _black(dropped, crop).any()  # the centre crop cut it away
+    local, global_, grid = resize(torch.stack([kept, dropped]))  # the grid the head expects, either way
+    assert local.shape == (2, 49, 1280) and global_.shape == (2, 1280) and grid == (7, 7) == resize.grid
+
+
+def test_center_crop_is_the_transform_of_stores_before_the_param():
+    """``center_crop`` is bit-identical to the preprocessing every existing store was extracted with (timm's
+    Lite0 eval cfg: bicubic resize to 256, centre crop 224), so such stores keep their fingerprint honestly."""
+    from torchvision import transforms as T
+
+    before = T.Compose([T.Resize(256, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(224), T.ToTensor(),
+                        T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])  # fmt: skip
+    crop = create_visual_backbone("efficientnet_lite0", weights="random", image_transform="center_crop")
+    for image in (_red_circle(), _corner_marker((300, 200))):
+        assert torch.equal(crop.preprocess(image), before(image))
+
+
+@pytest.mark.parametrize(("name", "size"), [("resnet152", 224), ("resnext101", 512)])
+def test_heavy_cnns_apply_the_chosen_transform(name, size):
+    other = "center_crop" if ExtractParams().image_transform == "resize" else "resize"  # the default: test above
+    model = create_visual_backbone(name, weights="random", image_transform=other)
+    assert model.image_transform == other
+    x = model.preprocess(_corner_marker((300, 200)))
+    assert x.shape == (3, size, size)
+    assert _black(x, model)[:4, :4].all() == (other == "resize")
+
+
+def test_unknown_transform_is_a_clear_error_and_the_default_follows_params():
+    import inspect
+
+    from pipeline.image_backbones import DEFAULT_IMAGE_TRANSFORM, IMAGE_TRANSFORMS, VISUAL_BACKBONES
+
+    with pytest.raises(ValueError, match="image_transform must be one of resize, center_crop, got 'crop'"):
+        create_visual_backbone("efficientnet_lite0", weights="random", image_transform="crop")
+    assert ExtractParams().image_transform == DEFAULT_IMAGE_TRANSFORM
+    assert set(ExtractParams.model_fields["image_transform"].annotation.__args__) == set(IMAGE_TRANSFORMS)
+    for name in ("efficientnet_lite0", "resnet152", "resnext101"):
+        default = inspect.signature(VISUAL_BACKBONES.get(name)).parameters["image_transform"].default
+        assert default == DEFAULT_IMAGE_TRANSFORM

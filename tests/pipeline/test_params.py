@@ -50,6 +50,11 @@ def test_wrong_type_names_its_dotted_path_and_value(tmp_path: Path) -> None:
         load_params(_write(tmp_path, {"train": {"model": {"head": "gru"}}}))
 
 
+def test_bad_image_transform_names_the_key_and_the_choices(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"extract\.image_transform: Input should be 'resize' or 'center_crop'.*crop"):
+        load_params(_write(tmp_path, {"extract": {"image_transform": "crop"}}))
+
+
 def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match="no params file"):
         load_params(tmp_path / "nope.yaml")

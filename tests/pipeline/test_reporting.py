@@ -175,6 +175,13 @@ def test_backbone_crop_box_matches_resize_256_centre_crop_224() -> None:
     assert (x0, y0) == (pytest.approx(58 * 640 / 341), pytest.approx(16 * 480 / 256))
 
 
+def test_backbone_crop_box_is_the_whole_image_after_resize() -> None:
+    assert backbone_crop_box(640, 480, 224, "resize") == (0.0, 0.0, 640.0, 480.0)
+    assert backbone_crop_box(128, 128, 224, "center_crop") == backbone_crop_box(128, 128, 224)  # unrecorded = crop
+    with pytest.raises(ValueError, match="resize or center_crop"):
+        backbone_crop_box(128, 128, 224, "pad")
+
+
 @settings(max_examples=20, deadline=None)
 @given(B=st.integers(1, 3), C=st.integers(1, 9), L=st.integers(1, 3), block=st.integers(1, 4), seed=st.integers(0, 99))
 def test_nearest_captions_matches_the_naive_max_over_caption_elements(B: int, C: int, L: int, block: int, seed: int):

@@ -98,6 +98,44 @@ def test_device_cuda_without_cuda_exit_1_and_compute_enters_the_fingerprint(tmp_
                 fingerprint(extract, None, {}, Compute("cpu", "bfloat16"))}) == 3  # fmt: skip
 
 
+def test_image_transform_enters_the_fingerprint_except_the_legacy_centre_crop() -> None:
+    import hashlib
+
+    from pipeline.feature_cache import fingerprint
+    from pipeline.params import ExtractParams
+
+    resize, crop = ExtractParams(image_transform="resize"), ExtractParams(image_transform="center_crop")
+    assert fingerprint(resize, None, {}) != fingerprint(crop, None, {})  # a changed transform re-extracts
+    # center_crop hashes exactly as a store from before the param (no image_transform key), so such stores resume
+    before = {k: v for k, v in crop.model_dump(mode="json").items()
+              if k not in ("workers", "gpus_per_worker", "device", "precision", "image_transform")}  # fmt: skip
+    blob = json.dumps({"v": 1, "extract": before, "limit": None, "data": {}}, sort_keys=True)
+    assert fingerprint(crop, None, {}) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    regions = {"source": "precomp", "image_backbone": "precomputed"}  # no pixels: the transform is irrelevant
+    assert fingerprint(ExtractParams(**regions, image_transform="resize"), None, {}) == fingerprint(
+        ExtractParams(**regions, image_transform="center_crop"), None, {}
+    )
+
+
+def test_image_transform_option_changes_the_store_and_a_bad_one_is_a_usage_error(tmp_path: Path, shapes: Path) -> None:
+    result = cli(tmp_path, shapes, "--image-transform", "crop")
+    assert result.exit_code == 2 and "image_transform" in error_line(result) and "'center_crop'" in error_line(result)
+    assert not (tmp_path / "f.zarr").exists()
+    stores = {}
+    for transform in ("resize", "center_crop"):
+        result = cli(tmp_path, shapes, "--image-transform", transform, "--limit", "2", out=f"{transform}.zarr")
+        assert result.exit_code == 0, result.output
+        store = FeatureStore.open(tmp_path / f"{transform}.zarr")
+        assert store.attrs["extract"]["image_transform"] == transform
+        image = store.modality("test", "image")
+        assert image.attrs["image_transform"] == transform and tuple(image.attrs["grid"]) == (7, 7)
+        stores[transform] = store_arrays(tmp_path / f"{transform}.zarr")
+    for key in ("test/image/local", "test/image/global", "test/image/lengths"):
+        assert stores["resize"][key].shape == stores["center_crop"][key].shape  # same layout: 49 cells of 1280
+    assert not np.array_equal(stores["resize"]["test/image/global"], stores["center_crop"]["test/image/global"])
+    np.testing.assert_array_equal(stores["resize"]["test/text/global"], stores["center_crop"]["test/text/global"])
+
+
 def test_missing_weights_exit_1(tmp_path: Path, shapes: Path) -> None:
     result = cli(tmp_path, shapes, "--backbone", "resnet152", "--weights", str(tmp_path / "nope.pth"))
     assert result.exit_code == 1 and "resnet152 weights not found" in error_line(result)

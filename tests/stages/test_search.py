@@ -176,6 +176,20 @@ def test_query_encoder_reproduces_the_stored_sets(built: dict) -> None:
     assert encoder.similarity == store.attrs["similarity"]
 
 
+def test_image_queries_use_the_transform_the_model_was_trained_on(built: dict) -> None:
+    """params naming the other extract.image_transform do not change what an image query sees: the backbone takes
+    the transform recorded in the model's feature summary, so stored images still land on their stored sets."""
+    params, split = built["params"], built["split"]
+    trained = params.extract.image_transform
+    other = "center_crop" if trained == "resize" else "resize"
+    flipped = params.model_copy(update={"extract": params.extract.model_copy(update={"image_transform": other})})
+    encoder = QueryEncoder(built["root"] / "model", flipped)
+    assert encoder.config["features"]["image"]["image_transform"] == trained
+    assert encoder.visual_backbone.image_transform == trained
+    torch.testing.assert_close(encoder.encode_images(split.image_paths), built["store"]["test/image"].embeddings)
+    assert encoder.image_transform({"backbone": "efficientnet_lite0"}) == "center_crop"  # a model from before
+
+
 # ----------------------------------------------------------------------------------------------------- search
 def test_text_query_prints_k_ranked_images(built: dict) -> None:
     as_json = search_cli(built, QUERY, "--json")
