@@ -5,6 +5,9 @@ crossing a store work unit, so each block is one contiguous slice of the Zarr ar
 a random order; consecutive runs of ``window_blocks`` blocks form a *window* whose items are shuffled together (the
 bounded shuffle buffer). ``StreamingTable`` serves ``gather`` through an LRU cache of decoded blocks, so a worker
 holds at most ``cache_blocks`` blocks, whatever the size of the split, and reads every block about once per epoch.
+Blocks are cached as the store holds them (float16), and when a rank announces the batches it will gather
+(``StreamingTable.expect``) a block leaves the cache right after its last announced use, so a block-shuffled epoch
+keeps at most ``window_blocks + 1`` blocks resident instead of the LRU's full capacity.
 
 How random this is: an epoch's order is a uniformly random order of blocks, then a uniform shuffle inside each
 window; two items end up in one batch only if their blocks fall in the same (or an adjacent) window. With
@@ -122,6 +125,8 @@ class StreamingTable(RaggedTable):
         bounds: ``[nb + 1]`` block boundaries (``block_bounds``); the items of one block must be one contiguous row
             range of ``local`` (true inside a store work unit).
         cache_blocks: decoded blocks kept (LRU): the memory bound.
+        store_dtype: float batches keep the dtype of ``local`` (float16 in the store) instead of float32; the
+            consumer converts them (``setemb.training`` does, exactly), so read-ahead batches take half the memory.
 
     Attributes:
         blocks_read / rows_read: how much was read from ``local`` so far (every read is one block).
@@ -136,6 +141,7 @@ class StreamingTable(RaggedTable):
         bounds: np.ndarray,
         *,
         cache_blocks: int,
+        store_dtype: bool = False,
     ) -> None:
         self.local, self.global_ = local, global_
         self.starts = np.asarray(starts, dtype=np.int64)
@@ -148,13 +154,16 @@ class StreamingTable(RaggedTable):
             raise ValueError(f"bounds must rise strictly from 0 to {S}, got {self.bounds[:3]}...{self.bounds[-3:]}")
         if cache_blocks < 1:
             raise ValueError(f"cache_blocks must be >= 1, got {cache_blocks}")
-        self.cache_blocks = cache_blocks
+        self.cache_blocks, self.store_dtype = cache_blocks, store_dtype
         self._cache: OrderedDict[int, _Block] = OrderedDict()
+        self._pending = np.zeros(len(self.bounds) - 1, dtype=np.int64)  # announced gathers still to touch block b
         self._lock = threading.Lock()  # the prefetch thread and validation may gather concurrently
         self.blocks_read = self.rows_read = 0
 
     @classmethod
-    def from_features(cls, features: Any, block_items: int, cache_blocks: int) -> StreamingTable:
+    def from_features(
+        cls, features: Any, block_items: int, cache_blocks: int, *, store_dtype: bool = False
+    ) -> StreamingTable:
         """A streaming view of a store's ``ModalityFeatures`` (``setemb.feature_store``): unit-aligned blocks of
         ``block_items`` items, the arrays read lazily."""
         bounds = block_bounds(len(features), block_items, int(features.attrs.get("unit_size", len(features))))
@@ -165,7 +174,42 @@ class StreamingTable(RaggedTable):
             features.global_rows,
             bounds,
             cache_blocks=cache_blocks,
+            store_dtype=store_dtype,
         )
+
+    def _blocks_of(self, idx: np.ndarray) -> np.ndarray:
+        """``[B]`` block of each item index."""
+        return np.searchsorted(self.bounds, idx, side="right") - 1
+
+    def expect(self, batches: Iterable[Any]) -> None:
+        """Announce the item index arrays the next gathers will ask for (one rank's epoch, in any order).
+
+        Replaces the previous announcement and drops cached blocks it does not use. From then on a block leaves
+        the cache right after the last announced gather that touches it, so the cache holds only blocks still to
+        be used (the LRU bound ``cache_blocks`` still applies; gathers that were not announced change nothing).
+        """
+        pending = np.zeros(len(self.bounds) - 1, dtype=np.int64)
+        for indices in batches:
+            np.add.at(pending, np.unique(self._blocks_of(np.asarray(indices, dtype=np.int64))), 1)
+        with self._lock:
+            self._pending = pending
+            for b in [b for b in self._cache if pending[b] == 0]:
+                del self._cache[b]
+
+    @property
+    def cached_bytes(self) -> int:
+        """Bytes of the decoded blocks held now (in the store's dtype)."""
+        with self._lock:
+            blocks = list(self._cache.values())
+        return sum(b.local.nbytes + (0 if b.global_ is None else b.global_.nbytes) for b in blocks)
+
+    def _used(self, b: int) -> None:
+        """One announced use of block ``b`` is done; the last one drops it from the cache."""
+        with self._lock:
+            if self._pending[b] > 0:
+                self._pending[b] -= 1
+                if self._pending[b] == 0:
+                    self._cache.pop(b, None)
 
     def _block(self, b: int) -> _Block:
         with self._lock:
@@ -189,7 +233,8 @@ class StreamingTable(RaggedTable):
             return block
 
     def gather(self, indices: Any) -> Batch:
-        """Padded batch of items, exactly as ``FeatureTable.gather`` returns it (float32 / int64, zeros padded)."""
+        """Padded batch of items, exactly as ``FeatureTable.gather`` returns it (float32 / int64, zeros padded;
+        float rows in the store's dtype with ``store_dtype``)."""
         idx = np.asarray(indices, dtype=np.int64)
         if idx.ndim != 1:
             raise ValueError(f"indices must be 1-D, got shape {idx.shape}")
@@ -200,10 +245,16 @@ class StreamingTable(RaggedTable):
         pos = np.arange(N)
         mask = pos[None, :] < lens[:, None]  # [B, N]
         item_shape = () if self.is_tokens else (self.local_dim,)
-        padded = np.zeros((B, N, *item_shape), dtype=np.int64 if self.is_tokens else np.float32)
-        glob = None if self.global_ is None else np.zeros((B, self.global_dim), dtype=np.float32)
-        which = np.searchsorted(self.bounds, idx, side="right") - 1  # [B] block of each item
-        for b in np.unique(which):
+        floats = np.dtype(self.local.dtype) if self.store_dtype else np.dtype(np.float32)
+        padded = np.zeros((B, N, *item_shape), dtype=np.int64 if self.is_tokens else floats)
+        glob = None
+        if self.global_ is not None:
+            glob = np.zeros((B, self.global_dim), dtype=np.dtype(self.global_.dtype) if self.store_dtype else floats)
+        which = self._blocks_of(idx)  # [B] block of each item
+        blocks = np.unique(which)
+        with self._lock:  # blocks used for the last time first: each is dropped before the next one is read
+            blocks = blocks[np.argsort(self._pending[blocks] != 1, kind="stable")]
+        for b in blocks:
             sel = np.flatnonzero(which == b)
             block = self._block(int(b))
             m = mask[sel]  # [s, N]
@@ -213,6 +264,8 @@ class StreamingTable(RaggedTable):
             padded[sel] = part
             if glob is not None:
                 glob[sel] = block.global_[idx[sel] - self.bounds[b]]
+            del block
+            self._used(int(b))
         return {
             "local": torch.from_numpy(padded),
             "global": None if glob is None else torch.from_numpy(glob),
