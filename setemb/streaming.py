@@ -6,8 +6,9 @@ a random order; consecutive runs of ``window_blocks`` blocks form a *window* who
 bounded shuffle buffer). ``StreamingTable`` serves ``gather`` through an LRU cache of decoded blocks, so a worker
 holds at most ``cache_blocks`` blocks, whatever the size of the split, and reads every block about once per epoch.
 Blocks are cached as the store holds them (float16), and when a rank announces the batches it will gather
-(``StreamingTable.expect``) a block leaves the cache right after its last announced use, so a block-shuffled epoch
-keeps at most ``window_blocks + 1`` blocks resident instead of the LRU's full capacity.
+(``StreamingTable.expect``) a block keeps only the rows of that rank's items and leaves the cache right after its
+last announced use, so a block-shuffled epoch keeps at most ``window_blocks + 1`` blocks resident (about one window's
+share of this rank) instead of the LRU's full capacity.
 
 How random this is: an epoch's order is a uniformly random order of blocks, then a uniform shuffle inside each
 window; two items end up in one batch only if their blocks fall in the same (or an adjacent) window. With
@@ -108,10 +109,25 @@ class RaggedTable:
 
 
 class _Block:
-    __slots__ = ("first_row", "local", "global_")
+    """One decoded block: all its items' rows (``items`` None) or only those of ``items`` (sorted), whose rows start
+    at ``row_of`` in ``local``."""
 
-    def __init__(self, first_row: int, local: np.ndarray, global_: np.ndarray | None) -> None:
-        self.first_row, self.local, self.global_ = first_row, local, global_
+    __slots__ = ("first_item", "first_row", "local", "global_", "items", "row_of")
+
+    def __init__(self, first_item, first_row, local, global_, items=None, row_of=None) -> None:
+        self.first_item, self.first_row, self.local, self.global_ = first_item, first_row, local, global_
+        self.items, self.row_of = items, row_of
+
+    def locate(self, idx: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(first row in local [s], row in global_ [s])`` of items ``idx``; None if the block did not keep them."""
+        if self.items is None:
+            return starts[idx] - self.first_row, idx - self.first_item
+        if len(self.items) == 0:
+            return None
+        at = np.minimum(np.searchsorted(self.items, idx), len(self.items) - 1)
+        if (self.items[at] != idx).any():
+            return None
+        return self.row_of[at], at
 
 
 class StreamingTable(RaggedTable):
@@ -157,6 +173,7 @@ class StreamingTable(RaggedTable):
         self.cache_blocks, self.store_dtype = cache_blocks, store_dtype
         self._cache: OrderedDict[int, _Block] = OrderedDict()
         self._pending = np.zeros(len(self.bounds) - 1, dtype=np.int64)  # announced gathers still to touch block b
+        self._wanted = np.zeros(S, dtype=bool)  # items of the announced gathers
         self._lock = threading.Lock()  # the prefetch thread and validation may gather concurrently
         self.blocks_read = self.rows_read = 0
 
@@ -184,17 +201,21 @@ class StreamingTable(RaggedTable):
     def expect(self, batches: Iterable[Any]) -> None:
         """Announce the item index arrays the next gathers will ask for (one rank's epoch, in any order).
 
-        Replaces the previous announcement and drops cached blocks it does not use. From then on a block leaves
-        the cache right after the last announced gather that touches it, so the cache holds only blocks still to
-        be used (the LRU bound ``cache_blocks`` still applies; gathers that were not announced change nothing).
+        Replaces the previous announcement and empties the cache. From then on a block read for an announced
+        gather keeps only the rows of announced items (this rank's share of it), and leaves the cache right after
+        the last announced gather that touches it (every gather touching a block counts as one of its uses), so
+        the cache holds only rows still to be used. The LRU bound ``cache_blocks`` still applies; gathers beyond the
+        announcement stay exact and keep whole blocks, as without one (at worst a block is read again).
         """
         pending = np.zeros(len(self.bounds) - 1, dtype=np.int64)
+        wanted = np.zeros(len(self), dtype=bool)
         for indices in batches:
-            np.add.at(pending, np.unique(self._blocks_of(np.asarray(indices, dtype=np.int64))), 1)
+            idx = np.asarray(indices, dtype=np.int64)
+            np.add.at(pending, np.unique(self._blocks_of(idx)), 1)
+            wanted[idx] = True
         with self._lock:
-            self._pending = pending
-            for b in [b for b in self._cache if pending[b] == 0]:
-                del self._cache[b]
+            self._pending, self._wanted = pending, wanted
+            self._cache.clear()
 
     @property
     def cached_bytes(self) -> int:
@@ -211,12 +232,14 @@ class StreamingTable(RaggedTable):
                 if self._pending[b] == 0:
                     self._cache.pop(b, None)
 
-    def _block(self, b: int) -> _Block:
+    def _block(self, b: int, need: np.ndarray) -> tuple[_Block, tuple[np.ndarray, np.ndarray]]:
+        """Block ``b`` holding items ``need`` (read unless cached), and where they are in it (``_Block.locate``)."""
         with self._lock:
             block = self._cache.get(b)
-            if block is not None:
+            where = None if block is None else block.locate(need, self.starts)
+            if where is not None:
                 self._cache.move_to_end(b)
-                return block
+                return block, where
             lo, hi = int(self.bounds[b]), int(self.bounds[b + 1])
             ends = self.starts[lo:hi] + self.lengths[lo:hi]
             first, last = int(self.starts[lo:hi].min()), int(ends.max())
@@ -224,13 +247,23 @@ class StreamingTable(RaggedTable):
                 raise ValueError(f"items {lo}..{hi - 1} are not one contiguous row range; use unit-aligned blocks")
             local = np.asarray(self.local[first:last])
             glob = None if self.global_ is None else np.asarray(self.global_[lo:hi])
-            block = _Block(first, local, glob)
             self.blocks_read += 1
             self.rows_read += last - first
+            keep = self._wanted[lo:hi].copy()
+            keep[need - lo] = True
+            if self._pending[b] > 0 and not keep.all():  # announced: keep only this rank's items
+                items = lo + np.flatnonzero(keep)
+                lens, offsets = self.lengths[items], self.starts[items] - first
+                row_of = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64)
+                rows = np.repeat(offsets - row_of, lens) + np.arange(int(lens.sum()))  # [kept rows]
+                block = _Block(lo, first, local[rows], None if glob is None else glob[items - lo], items, row_of)
+            else:
+                block = _Block(lo, first, local, glob)
+            del local, glob
             self._cache[b] = block
             while len(self._cache) > self.cache_blocks:
                 self._cache.popitem(last=False)
-            return block
+            return block, block.locate(need, self.starts)
 
     def gather(self, indices: Any) -> Batch:
         """Padded batch of items, exactly as ``FeatureTable.gather`` returns it (float32 / int64, zeros padded;
@@ -256,14 +289,14 @@ class StreamingTable(RaggedTable):
             blocks = blocks[np.argsort(self._pending[blocks] != 1, kind="stable")]
         for b in blocks:
             sel = np.flatnonzero(which == b)
-            block = self._block(int(b))
+            block, (first_rows, global_rows) = self._block(int(b), idx[sel])
             m = mask[sel]  # [s, N]
-            rows = (self.starts[idx[sel]] - block.first_row)[:, None] + pos[None, :]  # [s, N]
+            rows = first_rows[:, None] + pos[None, :]  # [s, N]
             part = padded[sel]
             part[m] = block.local[rows[m]]
             padded[sel] = part
             if glob is not None:
-                glob[sel] = block.global_[idx[sel] - self.bounds[b]]
+                glob[sel] = block.global_[global_rows]
             del block
             self._used(int(b))
         return {

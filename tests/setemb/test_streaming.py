@@ -215,8 +215,9 @@ class Residency(CountingRows):
     W=st.integers(1, 3), seed=st.integers(0, 3),
 )  # fmt: skip
 def test_an_announced_epoch_holds_at_most_one_window_of_blocks_in_the_store_dtype(n, block, window, P, W, seed):
-    """The memory bound training relies on: with the epoch announced, each block leaves the cache after its last
-    use, so at most ``window + 1`` blocks (float16, as stored) are resident at any read, and each is read once."""
+    """The memory bound training relies on: with the epoch announced, a block keeps only this rank's items and
+    leaves the cache after its last use, so at most ``window + 1`` blocks (float16, as stored) are resident at any
+    read, and each is read once."""
     rng = np.random.default_rng(seed)
     unit = 32
     local, starts, lengths = layout(rng, rng.integers(1, 5, size=n), unit, dim=3)
@@ -235,6 +236,7 @@ def test_an_announced_epoch_holds_at_most_one_window_of_blocks_in_the_store_dtyp
         )
         plan = list(sampler)
         table.expect(plan)
+        ours = np.concatenate(plan)
         for images in plan:
             got, want = table.gather(images), memory.gather(images)
             assert got["local"].dtype == torch.float16 and got["global"].dtype == torch.float16
@@ -242,26 +244,32 @@ def test_an_announced_epoch_holds_at_most_one_window_of_blocks_in_the_store_dtyp
             torch.testing.assert_close(got["global"].float(), want["global"], rtol=0, atol=0)
             assert all(b.local.dtype == np.float16 for b in table._cache.values())
             assert table.cached_bytes <= window * block_bytes
+            # what stays is only this rank's items of the blocks still in use
+            mine = np.flatnonzero(np.isin(np.searchsorted(bounds, ours, side="right") - 1, list(table._cache)))
+            assert table.cached_bytes == int(lengths[ours[mine]].sum()) * 3 * 2 + len(mine) * 2 * 2
         assert max(rows.resident) <= window + 1
         assert len(set(rows.reads)) == len(rows.reads)  # no block read twice
         assert table.cached_bytes == 0  # the epoch used every block it read: nothing stays behind
 
 
-def test_a_new_announcement_drops_blocks_it_does_not_use_and_unannounced_gathers_stay_lru():
+def test_announced_blocks_keep_only_the_announced_items_and_later_gathers_stay_correct():
     rng = np.random.default_rng(1)
     local, starts, lengths = layout(rng, rng.integers(1, 4, size=40), 8, dim=2)
+    memory = FeatureTable(local, starts, lengths)
     table = StreamingTable(local, starts, lengths, None, block_bounds(40, 4, 8), cache_blocks=3)
-    table.gather(np.arange(12))  # not announced: LRU, 3 blocks kept
+    table.gather(np.arange(12))  # not announced: LRU, 3 whole blocks kept
     assert sorted(table._cache) == [0, 1, 2]
-    table.expect([np.array([8, 9]), np.array([9, 20])])  # blocks 2 and 5
-    assert sorted(table._cache) == [2]
+    table.expect([np.array([8, 9]), np.array([9, 20])])  # blocks 2 and 5; a new announcement empties the cache
+    assert table._cache == {}
     table.gather(np.array([8, 9]))
-    assert sorted(table._cache) == [2]  # still needed by the second batch
-    table.gather(np.array([9, 20]))
-    assert table._cache == {} and table.cached_bytes == 0
-    table.expect([])
-    table.gather(np.arange(4))
-    assert sorted(table._cache) == [0]
+    assert sorted(table._cache) == [2]  # still needed by the second batch, holding the rows of items 8 and 9 only
+    assert table.cached_bytes == local[starts[8] : starts[9] + lengths[9]].nbytes
+    got = table.gather(np.array([9, 20]))
+    torch.testing.assert_close(got["local"], memory.gather(np.array([9, 20]))["local"], rtol=0, atol=0)
+    assert table._cache == {} and table.cached_bytes == 0  # both blocks had their last use
+    got = table.gather(np.array([10, 9]))  # beyond the announcement: correct, the whole block read and kept (LRU)
+    torch.testing.assert_close(got["local"], memory.gather(np.array([10, 9]))["local"], rtol=0, atol=0)
+    assert sorted(table._cache) == [2] and table.cached_bytes == local[starts[8] : starts[11] + lengths[11]].nbytes
 
 
 def test_store_dtype_batches_become_the_float32_batch_on_the_device():
