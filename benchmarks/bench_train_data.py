@@ -2,7 +2,7 @@
 
 Builds (once, under ``--dir``) a synthetic feature store shaped like COCO's BUTD precomp train split — 113,287
 images x 36 regions x 2,048 float16 (+ a 2,048-d global feature) and 566,435 captions of GloVe token ids (5 per
-image, 8-20 tokens), about 17 GB on disk at ``--scale 1`` — then runs a Ray Train job on ``--workers`` CPU workers
+image, 8-20 tokens), about 16 GB on disk at ``--scale 1`` — then runs a Ray Train job on ``--workers`` CPU workers
 (``--use-gpu`` on a GPU node) that, on every worker:
 
 * builds the training model (region encoder + bi-GRU + DivE slot heads, ``train.model`` of params.yaml otherwise)
