@@ -325,11 +325,11 @@ def main(argv: list[str] | None = None) -> None:
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu),
             run_config=RunConfig(name="bench", storage_path=str(results / "ray")),
         ).fit()
+        rows = [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
         reading = compare_ray_data(store, train, args.ray_data) if args.ray_data else None
     finally:
         ray.shutdown()
-    rows = [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
-    shutil.rmtree(results, ignore_errors=True)
+        shutil.rmtree(results, ignore_errors=True)  # also after a failed run
     blocks = math.ceil(n_images / train.data.block_images)
     print(f"store: {n_images} images x {REGIONS} x {REGION_DIM} float16, {n_images * CPI} captions, {du / 1e9:.1f} GB")
     print(
@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['rank']:>4}  {r['idle_rss_gb']:>11.2f}  "
             f"{r['bare_peak_above_idle_gb']:>28.2f} / {r['stream_peak_above_idle_gb']:>9.2f}  "
             f"{r['stream_batches_per_s']:>14.3f}  {r['bare_batches_per_s']:>12.3f}  "
-            f"{r['stream_batches_per_s'] / r['bare_batches_per_s']:>11.2f}  {r['image_blocks_read']:>11}  {r['cache_peak_gb']:>13.2f}"
+            f"{r['stream_batches_per_s'] / r['bare_batches_per_s']:>11.2f}  {r['image_blocks_read']:>11}  "
+            f"{r['cache_peak_gb']:>13.2f}"
         )
     if reading is not None:
         print(
