@@ -2,7 +2,7 @@
 
 Builds (once, under ``--dir``) a synthetic feature store shaped like COCO's BUTD precomp train split — 113,287
 images x 36 regions x 2,048 float16 (+ a 2,048-d global feature) and 566,435 captions of GloVe token ids (5 per
-image, 8-20 tokens), about 17 GB on disk at ``--scale 1`` — then runs a Ray Train job on ``--workers`` CPU workers
+image, 8-20 tokens), about 16 GB on disk at ``--scale 1`` — then runs a Ray Train job on ``--workers`` CPU workers
 (``--use-gpu`` on a GPU node) that, on every worker:
 
 * builds the training model (region encoder + bi-GRU + DivE slot heads, ``train.model`` of params.yaml otherwise)
@@ -14,7 +14,11 @@ image, 8-20 tokens), about 17 GB on disk at ``--scale 1`` — then runs a Ray Tr
 
 sampling the worker's RSS every 20 ms in both. Prints per worker: peak RSS above the idle worker in each phase (the
 model step's own activations and optimizer state are in both; the difference is the data path), batches/s of both
-paths and their ratio (stream / bare; the goal is >= 0.9: the loader is never the bottleneck) and the blocks read.
+paths and their ratio (stream / bare; the goal is >= 0.9: the loader is never the bottleneck), the blocks read and
+the block caches' peak resident bytes. Both phases run ``setemb.training.train_one_epoch``, the step of
+``stages.train``. "Idle" is the worker after torch is imported, the store opened and the model (DDP-wrapped), loss
+and optimizer built, before any step or read: gradients, AdamW state, activations and the allocator's retained
+pages count above it in both phases.
 With ``--ray-data N`` it also reads N images without a model, once through ``epoch_batches`` and once through Ray
 Data (``map_batches`` over the same blocks + ``iter_torch_batches`` with a one-window shuffle buffer), and prints both
 rates. The store is reused by later runs with the same ``--scale`` and ``--seed``.
@@ -25,6 +29,7 @@ Usage: ``python benchmarks/bench_train_data.py --scale 0.1 [--dir /tmp/bench_tra
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -40,11 +45,22 @@ import numpy as np
 COCO_IMAGES, REGIONS, REGION_DIM, CPI, VOCAB = 113_287, 36, 2048, 5, 10_000
 
 
+POOL_VALUES = 1 << 25  # N(0, 1) float16 values drawn once; every unit's regions are a window of them
+
+
 def build_store(path: Path, n_images: int, seed: int) -> Path:
-    """The synthetic store (skipped when a complete one with the same shape is there)."""
+    """The synthetic store (skipped when a complete one with the same shape is there).
+
+    Region features are N(0, 1) float16: one pool of ``POOL_VALUES`` values is drawn once and each work unit
+    writes a window of it at a random offset (drawing 8.4e9 fresh normals and converting them to float16 took
+    most of the ~30 minutes a full-scale build needed on 2 cores). Each stored chunk (256 rows, 1 MB) is still a
+    run of independent normals, so what the benchmark measures, zstd decoding and reading, sees the same bytes
+    as fresh draws would give (the global feature is the first region); the store is written by
+    ``FeatureStoreWriter``, the real format.
+    """
     from setemb.feature_store import FeatureStore, FeatureStoreWriter
 
-    attrs = {"dataset": "bench_train_data", "n_images": n_images, "seed": seed}
+    attrs = {"dataset": "bench_train_data", "n_images": n_images, "seed": seed, "regions": "pool-window"}
     try:
         if {k: FeatureStore.open(path).attrs.get(k) for k in attrs} == attrs:
             return path
@@ -52,6 +68,8 @@ def build_store(path: Path, n_images: int, seed: int) -> Path:
         pass
     shutil.rmtree(path, ignore_errors=True)
     rng = np.random.default_rng(seed)
+    pool = rng.standard_normal(POOL_VALUES, dtype=np.float32).astype(np.float16)
+    pool = np.concatenate([pool, pool])  # a window starting anywhere in the first half never wraps
     writer = FeatureStoreWriter(path, attrs=attrs)
     n_captions = n_images * CPI
     image = writer.require_modality(
@@ -65,8 +83,9 @@ def build_store(path: Path, n_images: int, seed: int) -> Path:
     start = time.perf_counter()
     for u in range(image.num_units):
         lo, hi = image.unit_items(u)
-        regions = rng.standard_normal((hi - lo, REGIONS, REGION_DIM), dtype=np.float32).astype(np.float16)
-        image.write_unit(u, regions, regions.mean(1), [str(i) for i in range(lo, hi)])
+        offset = int(rng.integers(0, POOL_VALUES))
+        regions = pool[offset : offset + (hi - lo) * REGIONS * REGION_DIM].reshape(hi - lo, REGIONS, REGION_DIM)
+        image.write_unit(u, regions, regions[:, 0], [str(i) for i in range(lo, hi)])
         clo, chi = text.unit_items(u)
         lengths = rng.integers(8, 21, size=chi - clo)
         tokens = rng.integers(1, VOCAB, size=(chi - clo, 20), dtype=np.int32)
@@ -86,14 +105,20 @@ def _rss() -> int:
 
 
 class _PeakRss:
-    def __init__(self) -> None:
-        self.peak, self._stop = _rss(), threading.Event()
+    """Samples the process's RSS (and the block caches' resident bytes) every 20 ms until ``stop``."""
+
+    def __init__(self, tables=()) -> None:
+        self.tables = tables
+        self.peak, self.cache_peak, self._stop = _rss(), self._cached(), threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _cached(self) -> int:
+        return sum(t.cached_bytes for t in self.tables)
+
     def _run(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak = max(self.peak, _rss())
+            self.peak, self.cache_peak = max(self.peak, _rss()), max(self.cache_peak, self._cached())
 
     def stop(self) -> int:
         self._stop.set()
@@ -111,7 +136,7 @@ def worker_loop(config: dict) -> None:
     from pipeline.train_data import epoch_batches, streaming_tables
     from setemb.feature_store import FeatureStore
     from setemb.model import create_model
-    from setemb.training import CaptionIndex, ImageCaptionBatches, _to_device
+    from setemb.training import CaptionIndex, ImageCaptionBatches, train_one_epoch
 
     train = TrainParams.model_validate(config["train"])
     context = ray.train.get_context()
@@ -125,15 +150,15 @@ def worker_loop(config: dict) -> None:
     loss_fn = build_loss(train).to(device)
     optimizer = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=1e-4)
 
-    def step(image_batch, text_batch, c2i) -> None:
-        image_batch, text_batch = _to_device(image_batch, device), _to_device(text_batch, device)
-        img, txt = model(image_batch, text_batch)
-        loss = loss_fn(img, txt, c2i.to(device))["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def run(batches) -> None:  # the training step of stages.train (setemb.training.train_one_epoch)
+        train_one_epoch(
+            model, loss_fn, optimizer, batches, grad_clip=train.optim.grad_clip, amp=train.optim.amp, device=device
+        )
 
     steps, warmup = config["steps"], config["warmup"]
+    # "idle": this worker with torch imported, the store opened, the model (DDP-wrapped), loss and optimizer built,
+    # before any step or read. Everything a training step adds on top (gradients, AdamW state, activations, the
+    # allocator's retained pages, and in the streaming phase the tables, caches and read-ahead) counts above it.
     idle = _rss()
     image, text, bounds = streaming_tables(split, train.data, train.images_per_batch, CPI)
     captions = CaptionIndex(split.caption_to_image, len(image))
@@ -146,26 +171,29 @@ def worker_loop(config: dict) -> None:
         return epoch_batches(image, text, captions, sampler, n, train.data.prefetch_batches)
 
     # the floor first (so its memory is not inflated by the streaming phase): the shapes of a real batch, random
-    # tensors already in memory, the same model step
+    # float32 tensors already in memory, the same model step; the blocks read for that one batch leave the caches
+    # (an empty announcement drops them) so they are not counted in the floor
     images_b, texts_b, c2i = next(iter(batches(1, 1)))
+    image.expect([])
+    text.expect([])
     gen = torch.Generator().manual_seed(rank)
     bare_img = {k: None if v is None else _random_like(v, gen) for k, v in images_b.items()}
     bare_txt = {k: None if v is None else _random_like(v, gen) for k, v in texts_b.items()}
+    del images_b, texts_b
     peak = _PeakRss()
-    for _ in range(warmup):
-        step(bare_img, bare_txt, c2i)
+    run(itertools.repeat((bare_img, bare_txt, c2i), warmup))
     start = time.perf_counter()
-    for _ in range(steps):
-        step(bare_img, bare_txt, c2i)
+    run(itertools.repeat((bare_img, bare_txt, c2i), steps))
     bare_s = time.perf_counter() - start
     bare_peak = peak.stop()
+    del bare_img, bare_txt
 
-    peak = _PeakRss()
+    peak = _PeakRss((image, text))
     image.blocks_read = text.blocks_read = 0
-    for i, batch in enumerate(batches(0, steps + warmup)):
-        if i == warmup:
-            start = time.perf_counter()
-        step(*batch)
+    stream = batches(0, steps + warmup)
+    run(itertools.islice(stream, warmup))
+    start = time.perf_counter()
+    run(stream)
     stream_s = time.perf_counter() - start
     stream_peak = peak.stop()
     row = {
@@ -173,6 +201,7 @@ def worker_loop(config: dict) -> None:
         "idle_rss_gb": idle / 1e9,
         "stream_peak_above_idle_gb": (stream_peak - idle) / 1e9,
         "bare_peak_above_idle_gb": (bare_peak - idle) / 1e9,
+        "cache_peak_gb": peak.cache_peak / 1e9,
         "stream_batches_per_s": steps / stream_s,
         "bare_batches_per_s": steps / bare_s,
         "image_blocks_read": image.blocks_read,
@@ -296,11 +325,11 @@ def main(argv: list[str] | None = None) -> None:
             scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.use_gpu),
             run_config=RunConfig(name="bench", storage_path=str(results / "ray")),
         ).fit()
+        rows = [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
         reading = compare_ray_data(store, train, args.ray_data) if args.ray_data else None
     finally:
         ray.shutdown()
-    rows = [json.loads((results / f"rank{r}.json").read_text()) for r in range(args.workers)]
-    shutil.rmtree(results, ignore_errors=True)
+        shutil.rmtree(results, ignore_errors=True)  # also after a failed run
     blocks = math.ceil(n_images / train.data.block_images)
     print(f"store: {n_images} images x {REGIONS} x {REGION_DIM} float16, {n_images * CPI} captions, {du / 1e9:.1f} GB")
     print(
@@ -310,14 +339,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         "rank  idle RSS GB  peak above idle GB: bare step / streaming  stream batch/s  bare batch/s  stream/bare"
-        "  blocks read"
+        "  blocks read  cache peak GB"
     )
     for r in rows:
         print(
             f"{r['rank']:>4}  {r['idle_rss_gb']:>11.2f}  "
             f"{r['bare_peak_above_idle_gb']:>28.2f} / {r['stream_peak_above_idle_gb']:>9.2f}  "
             f"{r['stream_batches_per_s']:>14.3f}  {r['bare_batches_per_s']:>12.3f}  "
-            f"{r['stream_batches_per_s'] / r['bare_batches_per_s']:>11.2f}  {r['image_blocks_read']:>11}"
+            f"{r['stream_batches_per_s'] / r['bare_batches_per_s']:>11.2f}  {r['image_blocks_read']:>11}  "
+            f"{r['cache_peak_gb']:>13.2f}"
         )
     if reading is not None:
         print(

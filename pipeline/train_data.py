@@ -1,8 +1,9 @@
 """How Ray Train workers read a split: streamed from the feature store (``setemb.streaming``), never copied whole.
 
 Every worker opens the store itself (a local path or a URL every node reaches). Training batches come from
-``streaming_tables`` (block-shuffled order, an LRU cache of blocks sized to what one step of all ranks can touch,
-read-ahead in a thread); validation reads in order through ``sequential_tables``. ``feature_table`` is the in-memory
+``streaming_tables`` (block-shuffled order, a cache of blocks in the store's float16 that drops each block after the
+rank's last batch that needs it, read-ahead in a thread, batches kept in float16 until the step converts them);
+validation reads in order through ``sequential_tables``. ``feature_table`` is the in-memory
 reference the tests compare against; nothing on the training path uses it.
 """
 
@@ -37,17 +38,19 @@ def streaming_tables(
     """Image and text tables of a split that read the store block by block (never the whole split), and the image
     block bounds the sampler orders by (None for ``shuffle: full``, a uniform permutation read item by item).
 
-    The caches hold what one batch of this rank can touch: the blocks of the (at most ``1 + ceil(P / window)``)
-    windows it spans, so every block is read once per epoch by each rank that meets it, and memory is bounded by
-    the cache. (The reads run in one thread, the prefetcher, so read-ahead needs no more room.)
+    The caches' LRU bound is what one batch of this rank can touch: the blocks of the (at most
+    ``1 + ceil(P / window)``) windows it spans, so every block is read once per epoch by each rank that meets it.
+    ``epoch_batches`` announces the epoch's batches, so a block leaves as soon as this rank is done with it and the
+    cache holds about one window (``window_blocks + 1`` blocks at most). The tables keep the store's float16 in
+    their blocks and batches. (The reads run in one thread, the prefetcher, so read-ahead needs no more room.)
     """
     if data.shuffle == "full":
         block, cache = 1, images_per_batch
     else:
         block = data.block_images
         cache = data.window_blocks * (1 + math.ceil(images_per_batch / (block * data.window_blocks)))
-    image = StreamingTable.from_features(split.image, block, cache)
-    text = StreamingTable.from_features(split.text, block * captions_per_image, 1)
+    image = StreamingTable.from_features(split.image, block, cache, store_dtype=True)
+    text = StreamingTable.from_features(split.text, block * captions_per_image, 1, store_dtype=True)
     # caption blocks follow the text store's own units, so a window's captions may span more blocks than its images
     text.cache_blocks = math.ceil(cache * (len(text.bounds) - 1) / (len(image.bounds) - 1)) + 2
     c2i = split.caption_to_image
@@ -71,6 +74,13 @@ def epoch_batches(
     steps: int,
     prefetch_batches: int,
 ):
-    """The ``(image batch, text batch, caption_to_image)`` of one epoch on one rank, read ahead in a thread."""
-    batches = (make_batch(image_table, text_table, caption_index, images) for images in islice(sampler, steps))
+    """The ``(image batch, text batch, caption_to_image)`` of one epoch on one rank, read ahead in a thread.
+
+    The rank's batches are announced to both tables first (``StreamingTable.expect``), so each block is dropped
+    after its last use in this epoch.
+    """
+    plan = list(islice(sampler, steps))  # [steps] arrays of <= P image rows (small: indices only)
+    image_table.expect(plan)
+    text_table.expect(caption_index.captions_of(images)[0] for images in plan)
+    batches = (make_batch(image_table, text_table, caption_index, images) for images in plan)
     return prefetch(batches, prefetch_batches)

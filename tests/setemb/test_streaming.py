@@ -20,7 +20,7 @@ class CountingRows:
 
     def __init__(self, array: np.ndarray, max_rows: int) -> None:
         self.array, self.max_rows, self.reads = array, max_rows, []
-        self.shape = array.shape
+        self.shape, self.dtype = array.shape, array.dtype
 
     def __getitem__(self, key):
         if not isinstance(key, slice) or key.step not in (None, 1):
@@ -197,3 +197,93 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops_early():
         if x == 3:
             break
     assert time.perf_counter() - start < 2.0
+
+
+class Residency(CountingRows):
+    """``CountingRows`` that also records how many blocks its table holds at each read (the one being read included)."""
+
+    table: StreamingTable
+
+    def __getitem__(self, key):
+        self.resident.append(len(self.table._cache) + 1)
+        return super().__getitem__(key)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(24, 300), block=st.integers(1, 12), window=st.integers(1, 6), P=st.integers(2, 16),
+    W=st.integers(1, 3), seed=st.integers(0, 3),
+)  # fmt: skip
+def test_an_announced_epoch_holds_at_most_one_window_of_blocks_in_the_store_dtype(n, block, window, P, W, seed):
+    """The memory bound training relies on: with the epoch announced, a block keeps only this rank's items and
+    leaves the cache after its last use, so at most ``window + 1`` blocks (float16, as stored) are resident at any
+    read, and each is read once."""
+    rng = np.random.default_rng(seed)
+    unit = 32
+    local, starts, lengths = layout(rng, rng.integers(1, 5, size=n), unit, dim=3)
+    glob = rng.standard_normal((n, 2)).astype(np.float16)
+    bounds = block_bounds(n, block, unit)
+    memory = FeatureTable(local, starts, lengths, glob)
+    block_bytes = int(max(lengths[lo:hi].sum() * 3 * 2 + (hi - lo) * 2 * 2 for lo, hi in itertools.pairwise(bounds)))
+    cap = window * (1 + -(-P // (block * window)))  # the LRU bound of pipeline.train_data.streaming_tables
+    for rank in range(W):
+        rows = Residency(local, max_rows=block * 4)
+        rows.resident = []
+        table = StreamingTable(rows, starts, lengths, glob, bounds, cache_blocks=cap, store_dtype=True)
+        rows.table = table
+        sampler = ImageCaptionBatches(
+            n, P, seed=seed, epoch=1, rank=rank, world_size=W, drop_last=False, bounds=bounds, window_blocks=window
+        )
+        plan = list(sampler)
+        table.expect(plan)
+        ours = np.concatenate(plan)
+        for images in plan:
+            got, want = table.gather(images), memory.gather(images)
+            assert got["local"].dtype == torch.float16 and got["global"].dtype == torch.float16
+            torch.testing.assert_close(got["local"].float(), want["local"], rtol=0, atol=0)
+            torch.testing.assert_close(got["global"].float(), want["global"], rtol=0, atol=0)
+            assert all(b.local.dtype == np.float16 for b in table._cache.values())
+            assert table.cached_bytes <= window * block_bytes
+            # what stays is only this rank's items of the blocks still in use
+            mine = np.flatnonzero(np.isin(np.searchsorted(bounds, ours, side="right") - 1, list(table._cache)))
+            assert table.cached_bytes == int(lengths[ours[mine]].sum()) * 3 * 2 + len(mine) * 2 * 2
+        assert max(rows.resident) <= window + 1
+        assert len(set(rows.reads)) == len(rows.reads)  # no block read twice
+        assert table.cached_bytes == 0  # the epoch used every block it read: nothing stays behind
+
+
+def test_announced_blocks_keep_only_the_announced_items_and_later_gathers_stay_correct():
+    rng = np.random.default_rng(1)
+    local, starts, lengths = layout(rng, rng.integers(1, 4, size=40), 8, dim=2)
+    memory = FeatureTable(local, starts, lengths)
+    table = StreamingTable(local, starts, lengths, None, block_bounds(40, 4, 8), cache_blocks=3)
+    table.gather(np.arange(12))  # not announced: LRU, 3 whole blocks kept
+    assert sorted(table._cache) == [0, 1, 2]
+    table.expect([np.array([8, 9]), np.array([9, 20])])  # blocks 2 and 5; a new announcement empties the cache
+    assert table._cache == {}
+    table.gather(np.array([8, 9]))
+    assert sorted(table._cache) == [2]  # still needed by the second batch, holding the rows of items 8 and 9 only
+    assert table.cached_bytes == local[starts[8] : starts[9] + lengths[9]].nbytes
+    got = table.gather(np.array([9, 20]))
+    torch.testing.assert_close(got["local"], memory.gather(np.array([9, 20]))["local"], rtol=0, atol=0)
+    assert table._cache == {} and table.cached_bytes == 0  # both blocks had their last use
+    got = table.gather(np.array([10, 9]))  # beyond the announcement: correct, the whole block read and kept (LRU)
+    torch.testing.assert_close(got["local"], memory.gather(np.array([10, 9]))["local"], rtol=0, atol=0)
+    assert sorted(table._cache) == [2] and table.cached_bytes == local[starts[8] : starts[11] + lengths[11]].nbytes
+
+
+def test_store_dtype_batches_become_the_float32_batch_on_the_device():
+    from setemb.training import _to_device
+
+    rng = np.random.default_rng(2)
+    local, starts, lengths = layout(rng, rng.integers(0, 4, size=30), 10, dim=5)
+    glob = rng.standard_normal((30, 3)).astype(np.float16)
+    args = (local, starts, lengths, glob, block_bounds(30, 5, 10))
+    idx = rng.permutation(30)[:9]
+    half = StreamingTable(*args, cache_blocks=2, store_dtype=True).gather(idx)
+    full = StreamingTable(*args, cache_blocks=2).gather(idx)
+    assert half["local"].dtype == torch.float16 and full["local"].dtype == torch.float32
+    moved = _to_device(half, torch.device("cpu"))
+    for key in ("local", "global", "mask"):
+        assert moved[key].dtype == full[key].dtype
+        torch.testing.assert_close(moved[key], full[key], rtol=0, atol=0)
