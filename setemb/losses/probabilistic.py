@@ -287,7 +287,8 @@ class ClosedFormSampledDistanceLoss(nn.Module):
     initialisation on `shapes` half of all pairs are labelled positive (6.7% truly are), a labelled pair with match
     probability p is pulled together whenever ``2p < α_pp(1 − p)`` (every pair at the start, where p ≈ 0), and a
     collapsed embedding labels every pair (ties), so the collapse sustains itself: RSUM 33 (chance ≈ 36) with them
-    from step 0, 122 after a one-epoch warm-up (docs/DESIGN.md). PCME++ starts them at step 0 from pre-trained CLIP.
+    from step 0, 122 with a one-epoch warm-up and fractional labels (docs/DESIGN.md). PCME++ starts them at step 0
+    from pre-trained CLIP.
 
     Args:
         init_scale: initial α (> 0). init_shift: initial β.
