@@ -331,6 +331,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, stop):
         if optim.no_mining_epochs > 0:
             loss_fn.set_hardest_negatives(epoch >= optim.no_mining_epochs)
+        if hasattr(loss_fn, "set_epoch"):  # PCME++'s pseudo-positive warm-up
+            loss_fn.set_epoch(epoch)
         torch.manual_seed(_epoch_seed(seed, epoch, rank))  # token drop / dropout replay exactly after a resume
         batches = epoch_batches(
             image_table, text_table, caption_index, sampler(epoch), steps_per_epoch, train.data.prefetch_batches

@@ -437,10 +437,13 @@ def test_pseudo_positive_labels_hand_built():
     logits = torch.tensor([[3.0, 1.0, 2.0, 0.5], [0.0, 4.0, 5.0, -1.0]])
     matched = torch.tensor([[True, True, False, False], [False, True, False, False]])
     labels = pseudo_positive_labels(logits, matched)
-    # row 0: least similar positive 1.0, so col 2 (2.0) joins; row 1: threshold 4.0, col 2 (5.0) joins
-    assert labels.tolist() == [[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0]]
+    # row 0: col 2 (2.0) scores above one of its two positives (1.0, not 3.0): label 1/2; col 3 (0.5) above none.
+    # row 1 has one positive (4.0), PCME++'s case: col 2 (5.0) joins with label 1
+    assert labels.tolist() == [[1.0, 1.0, 0.5, 0.0], [0.0, 1.0, 1.0, 0.0]]
     no_positive = pseudo_positive_labels(logits, torch.zeros_like(matched))
     assert (no_positive == 0).all()
+    # a tie with a positive counts ("at least as well"); a collapsed embedding labels every pair
+    assert (pseudo_positive_labels(torch.zeros(2, 4), matched) == 1).all()
 
 
 def test_csd_matching_loss_matches_naive_bce_reference():
@@ -459,9 +462,16 @@ def test_csd_matching_loss_matches_naive_bce_reference():
         return -(y * p.log() + (1 - y) * (1 - p).log()).mean()
 
     torch.testing.assert_close(main.detach(), 2 * bce(m), rtol=1e-6, atol=1e-8)
-    rows = (logits >= logits.masked_fill(m == 0, float("inf")).amin(1, keepdim=True)).double().clamp(max=1)
-    cols = (logits >= logits.masked_fill(m == 0, float("inf")).amin(0, keepdim=True)).double().clamp(max=1)
-    torch.testing.assert_close(pseudo.detach(), bce(torch.maximum(m, rows)) + bce(torch.maximum(m, cols)))
+
+    def soft(lg, mm):  # loops: the fraction of each row's positives that an entry scores at least as well as
+        out = torch.zeros_like(lg)
+        for r in range(lg.shape[0]):
+            pos = [lg[r, q] for q in range(lg.shape[1]) if mm[r, q]]
+            for g in range(lg.shape[1]):
+                out[r, g] = 1.0 if mm[r, g] else sum(float(lg[r, g] >= v) for v in pos) / max(len(pos), 1)
+        return out
+
+    torch.testing.assert_close(pseudo.detach(), bce(soft(logits, m)) + bce(soft(logits.T, m.T).T))
     torch.testing.assert_close(total.detach(), main.detach() + 0.1 * pseudo.detach())
     _, _, none = csd_matching_loss(img.mean, img.logsigma.exp(), txt.mean, txt.logsigma.exp(), c2i, scale, shift)
     assert none == 0
@@ -497,3 +507,16 @@ def test_pcmepp_loss_parameters_components_and_similarity():
         loss_fn(SetOutput(embeddings=img.embeddings), txt, torch.tensor([0, 0, 1, 1]))
     with pytest.raises(ValueError, match="init_scale must be > 0"):
         create_loss("pcmepp", init_scale=0.0)
+
+
+def test_pcmepp_pseudo_positives_wait_for_their_warmup_epochs():
+    loss_fn = create_loss("pcmepp", vib_weight=0.0, pseudo_positive_weight=0.1, pseudo_positive_warmup_epochs=2)
+    img, txt = _pcmepp_output(3, 4, seed=7), _pcmepp_output(6, 4, seed=8)
+    c2i = torch.tensor([0, 0, 1, 1, 2, 2])
+    for epoch, weight in ((0, 0.0), (1, 0.0), (2, 0.1), (5, 0.1)):
+        loss_fn.set_epoch(epoch)
+        out = loss_fn(img, txt, c2i)
+        assert out["pseudo_positive"] == 0 if weight == 0 else out["pseudo_positive"] > 0
+        torch.testing.assert_close(out["loss"].detach(), out["matching"] + weight * out["pseudo_positive"])
+    with pytest.raises(ValueError, match="pseudo_positive_warmup_epochs must be >= 0"):
+        create_loss("pcmepp", pseudo_positive_warmup_epochs=-1)
