@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
             line += f"   {mean:+.1f} ± {half:.1f}"
         print(line)
     if args.out is not None:
-        args.out.write_text(json.dumps({"seeds": sorted({s for r in rsum.values() for s in r}), "rsum": rsum}, indent=2))
+        seeds = sorted({seed for runs in rsum.values() for seed in runs})
+        args.out.write_text(json.dumps({"seeds": seeds, "rsum": rsum}, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class PathsParams(_Strict):
     shapes: str = "data/shapes"
     dataset_json: str = "data/shapes/dataset.json"
     image_root: str = "data/shapes/images"
-    relevance: str = Field("data/shapes/relevance.json", description="exhaustive relevance file; \"\" = none")
+    relevance: str = Field("data/shapes/relevance.json", description='exhaustive relevance file; "" = none')
     precomp_root: str | None = None
     coco_captions: str = Field("", description='COCO captions_val2014.json for the COCO benchmarks; "" = none')
     coco_instances: str = Field("", description='COCO instances_val2014.json for pmrp; "" = none')
