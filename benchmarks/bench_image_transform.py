@@ -36,6 +36,7 @@ from pipeline.params import load_params  # noqa: E402
 from pipeline.profiles import PROFILES_DIR, validate_merged  # noqa: E402
 from pipeline.study import CellJob, Variant, cell_fingerprint  # noqa: E402
 from pipeline.study_grid import DEFAULT, _dive, run_cell, study_base  # noqa: E402
+from pipeline.study_stats import paired  # noqa: E402
 from pipeline.training import features_fingerprint  # noqa: E402
 
 
@@ -69,17 +70,6 @@ def crop_loss_on_shapes(relevance: Path, crop_fraction: float = 0.875) -> dict[s
     lost = np.asarray(lost)
     return {"objects": len(lost), "mean_area_lost": float(lost.mean()), "any_lost": float((lost > 0).mean()),
             "over_10pct_lost": float((lost >= 0.1).mean()), "max_lost": float(lost.max())}  # fmt: skip
-
-
-def paired_interval(diffs: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean of the paired differences and its two-sided Student-t interval ``(mean, low, high)``."""
-    from scipy import stats
-
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, float("nan"), float("nan")
-    half = stats.t.ppf(0.5 + level / 2, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, mean - half, mean + half
 
 
 def main() -> None:
@@ -130,7 +120,9 @@ def main() -> None:
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         print(f"{label}: RSUM {statistics.fmean(values):.2f} ± {std:.2f} (mean ± std over seeds {args.seeds})")
     diffs = [rsum[second][s] - rsum[first][s] for s in args.seeds]
-    mean, low, high = paired_interval(diffs)
+    diff = paired(rsum[second], rsum[first])
+    no_ci = diff.half_width is None
+    mean, low, high = diff.mean, float("nan") if no_ci else diff.low, float("nan") if no_ci else diff.high
     print(f"{second} - {first}: {mean:+.2f} RSUM, 95% t-interval [{low:+.2f}, {high:+.2f}] "
           f"(paired over {len(diffs)} seeds: {', '.join(f'{d:+.2f}' for d in diffs)})")  # fmt: skip
     summary = {"stores": stores, "seeds": args.seeds, "epochs": args.epochs, "rsum": rsum, "diff": [mean, low, high]}

@@ -45,16 +45,6 @@ def run_one(params, features: Path, relevance: str, work: Path) -> float:
     return float(metrics["full"]["rsum"])
 
 
-def t_interval(diffs: list[float]) -> tuple[float, float]:
-    from scipy import stats
-
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, float("nan")
-    half = stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-    return mean, half
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -66,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.cli import setup_logging
     from pipeline.params import Params, load_params
+    from pipeline.study_stats import paired
 
     setup_logging(quiet=True)
     base = load_params(args.params)
@@ -94,10 +85,9 @@ def main(argv: list[str] | None = None) -> None:
             continue
         std = statistics.stdev(values) if len(values) > 1 else float("nan")
         line = f"{setting:>7}  {len(values):>4}  {statistics.fmean(values):>9.1f}  {std:>4.1f}"
-        paired = [s for s in seeds if s in rsum.get("full", {})]
-        if setting != "full" and paired:
-            mean, half = t_interval([rsum[setting][s] - rsum["full"][s] for s in paired])
-            line += f"   {mean:+.1f} ± {half:.1f}"
+        if setting != "full" and rsum.get("full"):
+            diff = paired(rsum[setting], rsum["full"])
+            line += f"   {diff.format()}"
         print(line)
     if args.out is not None:
         seeds = sorted({seed for runs in rsum.values() for seed in runs})

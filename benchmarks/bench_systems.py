@@ -20,15 +20,6 @@ import statistics
 from pathlib import Path
 
 
-def t_interval(diffs: list[float]) -> tuple[float, float]:
-    from scipy import stats
-
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, float("nan")
-    return mean, stats.t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / len(diffs) ** 0.5
-
-
 def variants(system: str):
     from pipeline.study import Variant
 
@@ -58,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from pipeline.profiles import PROFILES_DIR, load_profile, merge_overlay
     from pipeline.study import execute, plan
     from pipeline.study_grid import DEFAULT, _cell, run_cell, study_base
+    from pipeline.study_stats import paired
     from pipeline.training import features_fingerprint
 
     set_offline_env()
@@ -91,10 +83,9 @@ def main(argv: list[str] | None = None) -> None:
         seeds = sorted(values)
         std = statistics.stdev(values.values()) if len(values) > 1 else float("nan")
         line = f"{system:>7}  {name:>8}  {len(seeds):>4}  {statistics.fmean(values.values()):>9.1f}  {std:>4.1f}"
-        paired = [s for s in seeds if s in reference]
-        if system != args.baseline and paired:
-            mean, half = t_interval([values[s] - reference[s] for s in paired])
-            line += f"   {mean:+.1f} ± {half:.1f} (seeds {paired})"
+        diff = paired(values, reference)
+        if system != args.baseline and diff.n:
+            line += f"   {diff.format()} (seeds {list(diff.seeds)})"
         print(line)
 
 

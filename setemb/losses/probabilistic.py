@@ -196,6 +196,13 @@ def csd_matching_loss(
     return main + pseudo_positive_weight * pseudo, main, pseudo
 
 
+def _require_gaussians(img: SetOutput, txt: SetOutput, loss: str) -> None:
+    """Both sides carry the Gaussian a probabilistic loss reads (``mean``, ``logsigma [B, D]``)."""
+    for out, side in ((img, "img"), (txt, "txt")):
+        if out.mean is None or out.logsigma is None:
+            raise ValueError(f"{loss} loss needs {side}.mean and {side}.logsigma [B, D], got None")
+
+
 @LOSSES.register("pcme")
 class ProbabilisticMatchingLoss(nn.Module):
     """PCME criterion (M§4.4): soft contrastive + ``kl_weight``·KL + ``uniformity_weight``·uniformity.
@@ -247,9 +254,7 @@ class ProbabilisticMatchingLoss(nn.Module):
         Returns:
             ``{"loss", "soft_contrastive", "kl", "uniformity", "scale", "shift"}``, components detached.
         """
-        for out, side in ((img, "img"), (txt, "txt")):
-            if out.mean is None or out.logsigma is None:
-                raise ValueError(f"pcme loss needs {side}.mean and {side}.logsigma [B, D], got None")
+        _require_gaussians(img, txt, "pcme")
         soft = soft_contrastive_loss(
             img.embeddings, txt.embeddings, caption_to_image, scale=2.0 * self.scale, shift=2.0 * self.shift
         )
@@ -346,9 +351,7 @@ class ClosedFormSampledDistanceLoss(nn.Module):
         Returns:
             ``{"loss", "matching", "pseudo_positive", "kl", "scale", "shift"}``, components detached.
         """
-        for out, side in ((img, "img"), (txt, "txt")):
-            if out.mean is None or out.logsigma is None:
-                raise ValueError(f"pcmepp loss needs {side}.mean and {side}.logsigma [B, D], got None")
+        _require_gaussians(img, txt, "pcmepp")
         total, main, pseudo = csd_matching_loss(
             img.mean,
             img.logsigma.exp(),
