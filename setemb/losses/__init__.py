@@ -10,6 +10,7 @@ PVSE / MaxMatch regularisers, ``TripletSetLoss``), ``probabilistic`` (PCME and P
 
 from setemb.losses.common import LOSSES, create_loss, list_losses
 from setemb.losses.probabilistic import (
+    PCME_KL_WEIGHT,
     ClosedFormSampledDistanceLoss,
     ProbabilisticMatchingLoss,
     csd_matching_loss,
@@ -30,6 +31,7 @@ from setemb.losses.triplet import (
 
 __all__ = [
     "LOSSES",
+    "PCME_KL_WEIGHT",
     "ClosedFormSampledDistanceLoss",
     "ProbabilisticMatchingLoss",
     "TripletSetLoss",

@@ -203,6 +203,10 @@ def _require_gaussians(img: SetOutput, txt: SetOutput, loss: str) -> None:
             raise ValueError(f"{loss} loss needs {side}.mean and {side}.logsigma [B, D], got None")
 
 
+# PCME's COCO vib_beta (1e-5) in this module's averaged form: 1e-5 / (2 * 128), see ProbabilisticMatchingLoss
+PCME_KL_WEIGHT = 1e-5 / (2 * 128)
+
+
 @LOSSES.register("pcme")
 class ProbabilisticMatchingLoss(nn.Module):
     """PCME criterion (M§4.4): soft contrastive + ``kl_weight``·KL + ``uniformity_weight``·uniformity.
@@ -215,7 +219,10 @@ class ProbabilisticMatchingLoss(nn.Module):
     Args:
         init_scale: initial a (PCME: 15 COCO, 5 CUB).
         init_shift: initial b.
-        kl_weight: weight of the KL term (1e-5 COCO, 1e-3 CUB), applied to image + text KL.
+        kl_weight: weight of the KL term, applied to image + text KL. PCME sums its NLL over the 2·B² pairs of a
+            batch and its KL over B·D, while here the NLL is a mean over pairs and the KL a mean over the batch, so
+            PCME's ``vib_beta`` corresponds to ``vib_beta / (2·B)``: the default 3.9e-8 is its COCO 1e-5 at its batch
+            B = 128 (CUB 1e-3 -> 3.9e-6). With 1e-5 here the KL weighed 256x more and cost ~3 RSUM (docs/DESIGN.md).
         uniformity_weight: weight of the uniformity term over all samples of the batch (0 COCO, 10 CUB).
     """
 
@@ -225,7 +232,7 @@ class ProbabilisticMatchingLoss(nn.Module):
         self,
         init_scale: float = 15.0,
         init_shift: float = 15.0,
-        kl_weight: float = 1e-5,
+        kl_weight: float = PCME_KL_WEIGHT,
         uniformity_weight: float = 0.0,
     ) -> None:
         super().__init__()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from setemb.heads import SetOutput
 from setemb.losses import (
+    PCME_KL_WEIGHT,
     ClosedFormSampledDistanceLoss,
     ProbabilisticMatchingLoss,
     TripletSetLoss,
@@ -421,6 +422,22 @@ def test_pcme_loss_consistent_with_its_similarity_kwargs():
     log_p = match_probability(img.embeddings, txt.embeddings, **loss_fn.similarity_kwargs())  # [1, 1] log p
     torch.testing.assert_close(out["soft_contrastive"], -log_p[0, 0].detach())
     torch.testing.assert_close(out["loss"].detach(), out["soft_contrastive"])
+
+
+def test_pcme_kl_weight_is_official_vib_beta_over_two_batch():
+    """Official PCME sums the NLL over the 2·B² (i2t + t2i) pairs and the KL over B·D; ours averages both, so the
+    same objective (up to the factor 2·B²) needs ``kl_weight = vib_beta / (2·B)`` — the default for B = 128."""
+    B, J, D, beta = 4, 3, 5, 1e-2
+    img, txt = _pcme_output(B, J, D, seed=5), _pcme_output(B, J, D, seed=6)
+    loss_fn = ProbabilisticMatchingLoss(init_scale=0.5, init_shift=0.5, kl_weight=beta / (2 * B))
+    ours = loss_fn(img, txt, torch.arange(B))["loss"].detach()
+    p = match_probability(img.embeddings, txt.embeddings, **loss_fn.similarity_kwargs()).exp()  # [B, B]
+    positive = torch.eye(B, dtype=torch.bool)
+    nll_sum = 2 * (-torch.where(positive, p.log(), (1 - p).log())).sum()  # i2t and t2i, as the official code
+    kl_sum = sum((0.5 * (torch.exp(2 * out.logsigma) + out.mean**2 - 1 - 2 * out.logsigma)).sum() for out in (img, txt))
+    torch.testing.assert_close(ours * 2 * B**2, (nll_sum + beta * kl_sum).to(ours.dtype), rtol=1e-5, atol=1e-6)
+    assert PCME_KL_WEIGHT == pytest.approx(1e-5 / 256)  # PCME's COCO vib_beta 1e-5 at its batch of 128
+    assert ProbabilisticMatchingLoss().kl_weight == PCME_KL_WEIGHT
 
 
 # ---------------------------------------------------------------------------------------------------------- PCME++
