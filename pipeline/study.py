@@ -305,3 +305,31 @@ def _execute_on_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------------ run log
+RUNS_LOG = "runs.jsonl"  # in the cache: one line per invocation that trained cells, so a cached rerun still knows
+
+
+def log_run(cache: str | os.PathLike, entry: dict[str, Any]) -> None:
+    """Append one invocation (``trained``: the fingerprints it trained, ``wall_seconds``, ``command``, ...)."""
+    path = Path(cache) / RUNS_LOG
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
+def runs_that_trained(cache: str | os.PathLike, fingerprints: Iterable[str]) -> list[dict[str, Any]]:
+    """The logged invocations that trained any of ``fingerprints``, oldest first (unreadable lines skipped)."""
+    path, wanted = Path(cache) / RUNS_LOG, set(fingerprints)
+    if not path.is_file():
+        return []
+    runs = []
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill mid-write
+        if isinstance(entry, dict) and wanted & set(entry.get("trained", [])):
+            runs.append(entry)
+    return runs

@@ -290,6 +290,7 @@ def render_report(
     estimate: dict[str, float] | None,
     command: str,
     load: float = 0.0,
+    runs: list[dict[str, Any]] | None = None,
 ) -> str:
     """docs/results.md: setting, wall time, Tables 3-5-shaped tables with the paper's numbers, plots, verdict."""
     records = {o.job.fingerprint: o.record for o in outcomes}
@@ -353,6 +354,12 @@ def render_report(
         f"- This invocation: {wall_seconds / 60:.1f} min for {len(ran)} trained/evaluated cells "
         f"({sum(o.cached for o in outcomes)} read from the cache, {len(failed)} failed), grids: {', '.join(grids)}.",
     ]
+    for run in runs or []:
+        lines.append(
+            f"- Trained the cells of this report: `{run['command']}` at git `{run['sha']}`, started {run['started']} "
+            f"(1-min load {float(run['load']):.1f}): {float(run['wall_seconds']) / 60:.1f} min for "
+            f"{len(run['trained'])} cells (from the cache's run log, `runs.jsonl`)."
+        )
     if train_seconds:
         lines.append(
             f"- Training per cell: mean {sum(train_seconds) / len(train_seconds):.0f} s, max "

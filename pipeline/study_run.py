@@ -9,20 +9,24 @@ from __future__ import annotations
 import logging
 import os
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from pipeline.params import Params
 from pipeline.profiles import PROFILES_DIR
-from pipeline.study import JobOutcome, execute, plan
+from pipeline.cli import git_sha
+from pipeline.study import JobOutcome, execute, log_run, plan, runs_that_trained
 from pipeline.study_grid import (
     StudySettings,
     build_grid,
     ensure_features,
+    GRIDS,
     estimate_default_study,
     run_cell,
     study_base,
 )
+from pipeline.study_readme import summary_block, update_readme
 from pipeline.study_report import render_report
 
 logger = logging.getLogger("setemb.stage.study")
@@ -41,8 +45,13 @@ def run_study(
     profiles_dir: Path = PROFILES_DIR,
     command: str = "python -m stages.study",
     quiet: bool = True,
+    readme: Path | None = None,
 ) -> dict[str, Any]:
     """Build the grids, run the missing cells, write the report ``out`` (with its plots beside it).
+
+    Every invocation that trains cells is appended to ``<cache>/runs.jsonl``, so a report regenerated from the cache
+    still states how long its cells took. ``readme``: a full study (every grid of ``GRIDS``, not ``quick``) rewrites
+    that file's summary block (``pipeline.study_readme``); other runs leave it alone.
 
     Returns:
         ``{"cells": distinct cells, "ran": run now, "cached": read from the cache, "failed": [labels], "out": out}``.
@@ -52,7 +61,7 @@ def run_study(
     """
     from pipeline.training import features_fingerprint
 
-    start, load = time.perf_counter(), os.getloadavg()[0]
+    start, started_at, load = time.perf_counter(), time.time(), os.getloadavg()[0]
     base = study_base(params, settings)
     cells = [c for g in grids for c in build_grid(g, base, settings, profiles_dir)]  # validate before any work
     features = ensure_features(params, Path(features or params.paths.features))
@@ -65,6 +74,22 @@ def run_study(
         logger.warning("[%d/%d] %s: %s", finished, total, ", ".join(outcome.job.labels), state)
 
     outcomes = execute(jobs, run_cell, workers=workers, quiet=quiet, on_done=progress)
+    trained = [o.job.fingerprint for o in outcomes if not o.cached and o.error is None]
+    if trained:
+        log_run(
+            cache,
+            {
+                "started": datetime.fromtimestamp(started_at, UTC).isoformat(timespec="seconds"),
+                "wall_seconds": round(time.perf_counter() - start, 1),
+                "command": command,
+                "sha": git_sha(),
+                "load": round(load, 2),
+                "workers": workers,
+                "grids": grids,
+                "trained": trained,
+            },
+        )
+    runs = runs_that_trained(cache, [job.fingerprint for job in jobs])
     estimate = estimate_default_study(outcomes, params, features, digest, max(workers, 1), profiles_dir)
     text = render_report(
         cells,
@@ -79,9 +104,18 @@ def run_study(
         estimate=estimate,
         command=command,
         load=load,
+        runs=runs,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
+    if readme is not None and set(GRIDS) <= set(grids) and not quick:
+        records = {o.job.fingerprint: o.record for o in outcomes}
+        block = summary_block(cells, records, runs, epochs=settings.epochs, seeds=settings.seeds, report=str(out))
+        try:
+            update_readme(readme, block)
+            logger.info("README summary rewritten in %s", readme)
+        except (OSError, ValueError) as e:  # the report is written; a README elsewhere must not fail the study
+            logger.warning("README summary not written: %s", e)
     failed = [o.job.labels[0] for o in outcomes if o.error]
     return {
         "cells": len(jobs),

@@ -76,6 +76,9 @@ def main(
     params_path: Path = typer.Option(Path("params.yaml"), "--params", help="params.yaml: the study's base"),
     features: Path | None = typer.Option(None, "--features", help="feature store (default paths.features)"),
     profiles_dir: Path = typer.Option(PROFILES_DIR, "--profiles-dir", help="folder of the system profiles"),
+    readme: Path | None = typer.Option(
+        Path("README.md"), "--readme", help="file whose study-summary block a full study (--grid all) rewrites"
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="warnings only"),
     debug: bool = typer.Option(False, "--debug", help="show tracebacks"),
 ) -> None:
@@ -108,6 +111,7 @@ def main(
         profiles_dir=profiles_dir,
         command=command,
         quiet=quiet,
+        readme=readme,
         debug=debug,
     )
     typer.echo(

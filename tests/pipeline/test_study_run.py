@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.params import load_params
-from pipeline.study import read_record
+from pipeline.study import read_record, runs_that_trained
 from pipeline.study_grid import QUIET_LOGGERS, StudySettings
+from pipeline.study_readme import BEGIN, END
 from pipeline.study_run import run_study
 from tests.pipeline.test_profiles import tiny_dataset
 
@@ -37,9 +38,15 @@ def test_new_variants_reuse_the_model_and_a_killed_cell_resumes(tmp_path: Path, 
     params = load_params(tiny)
     settings = StudySettings(epochs=1, limit_batches=2, seeds=1)
     out, cache = tmp_path / "results.md", tmp_path / "cache"
-    summary = run_study(params, grids=["smoke"], settings=settings, cache=cache, out=out, workers=0)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{BEGIN}\nby hand\n{END}\n")
+    summary = run_study(params, grids=["smoke"], settings=settings, cache=cache, out=out, workers=0, readme=readme)
     assert summary["ran"] == 2
-    dive_dir = next(d for d in cache.iterdir() if "smoke:dive:seed0" in read_record(d)["labels"])
+    assert readme.read_text() == f"{BEGIN}\nby hand\n{END}\n"  # only a full study (every grid) rewrites it
+    (run,) = runs_that_trained(cache, [read_record(d)["fingerprint"] for d in cache.iterdir() if d.is_dir()])
+    assert len(run["trained"]) == 2 and run["wall_seconds"] > 0 and run["grids"] == ["smoke"]
+    assert f"for {len(run['trained'])} cells (from the cache's run log" in out.read_text()
+    dive_dir = next(d for d in cache.iterdir() if d.is_dir() and "smoke:dive:seed0" in read_record(d)["labels"])
     model_stamp = (dive_dir / "model" / "model.pt").stat().st_mtime_ns
     train = read_record(dive_dir)["train"]
     # the element ablation is the same model with 8 more evaluations: no retraining
@@ -73,7 +80,7 @@ def test_plateau_grid_records_the_validation_curve_and_the_study_quotes_it(tmp_p
     out, cache = tmp_path / "docs" / "plateau.md", tmp_path / "cache"
     summary = run_study(params, grids=["plateau"], settings=settings, cache=cache, out=out, workers=0)
     assert summary["ran"] == 4 and not summary["failed"]
-    records = [read_record(d) for d in cache.iterdir()]
+    records = [read_record(d) for d in cache.iterdir() if d.is_dir()]  # beside them: the run log
     assert all(len(r["train"]["val_rsum"]) == 3 and r["params"]["train"]["optim"]["epochs"] == 3 for r in records)
     plateau = json.loads((tmp_path / "docs" / "plateau.json").read_text())
     assert sorted(plateau["systems"]) == ["dive", "vsepp"] and 1 <= plateau["recommended_epochs"] <= 3
