@@ -13,15 +13,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli import git_sha
 from pipeline.params import Params
 from pipeline.profiles import PROFILES_DIR
-from pipeline.cli import git_sha
 from pipeline.study import JobOutcome, execute, log_run, plan, runs_that_trained
 from pipeline.study_grid import (
+    GRIDS,
     StudySettings,
     build_grid,
     ensure_features,
-    GRIDS,
     estimate_default_study,
     run_cell,
     study_base,
