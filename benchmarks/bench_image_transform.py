@@ -32,6 +32,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from pipeline.feature_cache import store_image_transform  # noqa: E402
 from pipeline.params import load_params  # noqa: E402
 from pipeline.profiles import PROFILES_DIR, validate_merged  # noqa: E402
 from pipeline.study import CellJob, Variant, cell_fingerprint  # noqa: E402
@@ -40,12 +41,11 @@ from pipeline.study_stats import paired  # noqa: E402
 from pipeline.training import features_fingerprint  # noqa: E402
 
 
-def store_transform(path: Path) -> str:
+def store_transform(path: Path) -> str | None:
     """The ``image_transform`` a store was extracted with (stores from before the param: ``center_crop``)."""
     from setemb.feature_store import FeatureStore
 
-    attrs = FeatureStore.open(path).attrs
-    return (attrs.get("extract") or {}).get("image_transform", "center_crop")
+    return store_image_transform(dict(FeatureStore.open(path).attrs))
 
 
 def crop_loss_on_shapes(relevance: Path, crop_fraction: float = 0.875) -> dict[str, float]:

@@ -196,6 +196,30 @@ def _text_kwargs(extract: ExtractParams, inputs: _Inputs, out: Path, limit: int 
     return {"vocab": str(vocab_path)}
 
 
+def store_image_transform(attrs: dict[str, Any]) -> str | None:
+    """The ``image_transform`` a store's root ``attrs`` record (stores from before the param: ``center_crop``;
+    precomputed regions: None, no pixels)."""
+    if attrs.get("image_backbone") == "precomputed":
+        return None
+    return (attrs.get("extract") or {}).get("image_transform", LEGACY_IMAGE_TRANSFORM)
+
+
+def extraction_mismatch(extract: ExtractParams, attrs: dict[str, Any]) -> list[str]:
+    """What differs between ``extract`` and the store that ``attrs`` describe: ``["image_transform: store resize,
+    params center_crop", ...]`` over the backbones and the test-time transform; empty when they agree."""
+    wanted = {
+        "image_backbone": extract.image_backbone,
+        "text_backbone": extract.text_backbone,
+        "image_transform": None if extract.image_backbone == "precomputed" else extract.image_transform,
+    }
+    found = {
+        "image_backbone": attrs.get("image_backbone"),
+        "text_backbone": attrs.get("text_backbone"),
+        "image_transform": store_image_transform(attrs),
+    }
+    return [f"{key}: store {found[key]}, params {wanted[key]}" for key in wanted if found[key] != wanted[key]]
+
+
 def _visual_kwargs(extract: ExtractParams) -> dict[str, Any] | None:
     """Builder options of the image backbone: the test-time transform of the CNNs (regions have no pixels)."""
     return None if extract.image_backbone == "precomputed" else {"image_transform": extract.image_transform}

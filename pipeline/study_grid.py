@@ -279,18 +279,28 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 def ensure_features(params: Params, features: Path) -> Path:
     """The feature store, extracted first (and the shapes dataset generated) when absent or incomplete.
 
-    An existing complete store is reused as is, whatever params made it (the study never re-extracts).
+    An existing complete store is reused without re-extracting, but only when its backbones and test-time transform
+    are the ones ``params.extract`` names.
+
+    Raises:
+        ParamsError: the store was extracted with other backbones or another ``image_transform``.
     """
-    from pipeline.feature_cache import run_extract
+    from pipeline.feature_cache import extraction_mismatch, run_extract
     from pipeline.shapes import run_prepare
     from setemb.feature_store import FeatureStore
     from setemb.store import IncompleteStoreError
 
     try:
-        FeatureStore.open(features)
-        return features
+        store = FeatureStore.open(features)
     except (FileNotFoundError, IncompleteStoreError):
-        pass
+        store = None
+    if store is not None:
+        if differences := extraction_mismatch(params.extract, dict(store.attrs)):
+            raise ParamsError(
+                f"feature store {features} does not match params.yaml ({'; '.join(differences)}): re-extract it "
+                "(dvc repro extract) or pass --features with a matching store"
+            )
+        return features
     paths = params.paths
     dataset_json = Path(paths.dataset_json)
     if params.extract.source == "karpathy" and not dataset_json.is_file() and dataset_json.parent == Path(paths.shapes):

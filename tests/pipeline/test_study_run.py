@@ -95,3 +95,28 @@ def test_plateau_grid_records_the_validation_curve_and_the_study_quotes_it(tmp_p
     text = results.read_text()
     assert "## Training length" in text and "Epochs per cell: **1** (a test)" in text
     assert "measured by `python -m stages.study`" in text
+
+
+def test_a_store_extracted_otherwise_is_refused_not_silently_reused(tmp_path: Path, tiny: Path) -> None:
+    """The study reuses the complete store at paths.features only when its backbones and test-time transform are
+    the ones params.yaml names (issue #10 part 4: a resize study must not train on centre-cropped features)."""
+    from pipeline.feature_cache import extraction_mismatch
+    from pipeline.params import ParamsError
+    from pipeline.study_grid import ensure_features
+    from setemb.feature_store import FeatureStore
+
+    params = load_params(tiny)
+    features = Path(params.paths.features)
+    assert ensure_features(params, features) == features  # the tiny store: center_crop, as params say
+    attrs = dict(FeatureStore.open(features).attrs)
+    assert extraction_mismatch(params.extract, attrs) == []
+    resize = params.model_copy(update={"extract": params.extract.model_copy(update={"image_transform": "resize"})})
+    assert extraction_mismatch(resize.extract, attrs) == ["image_transform: store center_crop, params resize"]
+    legacy = {k: v for k, v in attrs.items() if k != "extract"}  # a store from before the param: center_crop
+    assert extraction_mismatch(params.extract, legacy) == []
+    with pytest.raises(ParamsError, match=r"does not match params.yaml \(image_transform: store center_crop"):
+        ensure_features(resize, features)
+    with pytest.raises(ParamsError, match="image_transform: store center_crop, params resize"):
+        run_study(resize, grids=["smoke"], settings=StudySettings(epochs=1, limit_batches=2, seeds=1),
+                  cache=tmp_path / "cache", out=tmp_path / "results.md", workers=0)  # fmt: skip
+    assert not (tmp_path / "results.md").exists()
