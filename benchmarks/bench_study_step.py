@@ -3,14 +3,14 @@
 The default study (``pipeline.study_grid.DEFAULT``, ``--grid all``) trains cells of a few cost classes (head,
 similarity, K, T: ``_cost_class``). For one representative cell of each class this builds the model and loss from the
 cell's params, as the study's training loop does (``setemb.training.train_one_epoch``, one torch thread, the study's
-batches of 128 images and all their captions), and measures CPU seconds per step over ``--steps`` steps after one
-warm-up step, on batches read beforehand; separately it measures the data path (read + decode + gather, per batch,
-first epoch with a cold block cache and a warm one after). CPU seconds, not wall seconds, so a busy machine measures
-the same step (a study cell runs one thread per core). It then feeds ``estimate_default_study`` with them (seconds
-per batch = step + data, averaged over the epochs; ``--epoch-overhead`` s of validation and checkpoint per epoch and
-``--variant-seconds`` s per evaluation, defaults from the 40.1-minute study of docs/results.md: 9 s per cell at
-5 epochs) and prints the estimate for each ``--epochs``. ``--contention`` scales the step times for two cells
-sharing the box (1.10 reproduces that study's 40.1 minutes from these step times).
+batches of ``StudySettings.images_per_batch`` images and all their captions), and measures CPU seconds per step over
+``--steps`` steps after one warm-up step, on batches read beforehand; separately it measures the data path (read +
+decode + gather, per batch, first epoch with a cold block cache and a warm one after). CPU seconds, not wall seconds, so
+a busy machine measures the same step (a study cell runs one thread per core). It then feeds ``estimate_default_study``
+with them (seconds per batch = step + data, averaged over the epochs; ``--epoch-overhead`` s of validation and
+checkpoint per epoch and ``--variant-seconds`` s per evaluation, defaults from the 40.1-minute study of docs/results.md:
+9 s per cell at 5 epochs) and prints the estimate for each ``--epochs``. ``--contention`` scales the step times for two
+cells sharing the box (1.10 reproduces that study's 40.1 minutes from these step times).
 
 Usage: ``nice -n 10 python benchmarks/bench_study_step.py [--steps 3] [--epochs 3 4 5] [--profile dive]``
 (``--profile CLASS`` prints a torch.profiler table of that class's steps instead of the estimate).

@@ -1,8 +1,8 @@
 """Compared systems on paired seeds: study cells of the main grid, trained and evaluated exactly as ``stages.study``.
 
 For each ``--systems`` profile and ``--seeds`` seed it builds the study cell (``pipeline.study_grid``: params.yaml
-with the study settings, 5 epochs of 16 batches in local mode, the profile and the seed), runs it with the study's
-cell runner (train -> embed -> evaluate, cached per fingerprint under ``--cache``, so a rerun reads the finished
+with the study settings: its epochs and images per batch, local mode, the profile and the seed), runs it with the
+study's cell runner (train -> embed -> evaluate, cached per fingerprint under ``--cache``, so a rerun reads the finished
 cells), and prints test RSUM per run and variant, then each system's paired difference to ``--baseline`` (same
 seeds, same study base) with a 95% t-interval. Variants, as the main grid has them: PCME also by the mean cosine
 over its samples and by μ only (``sample_in_eval: false``); PCME++ also by μ only (``csd`` with ``use_sigma:

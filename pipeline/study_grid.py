@@ -44,10 +44,13 @@ SIMILARITY_KWARGS = {  # what each similarity is trained with in Table 3
 class StudySettings:
     """Sizes of one study run: training length and grid values."""
 
-    # 4 = the most that fits the 90-minute budget at 3 seeds on the 2-core box (estimate_default_study from per-step
-    # measurements: ~3 min of evaluation + ~18-19 min per epoch); to be checked against --grid plateau
-    # (docs/plateau.json)
-    epochs: int = 4
+    # 5 = the most that fits the 90-minute budget at 3 seeds on the 2-core box (benchmarks/bench_study_step.py at 32
+    # images per batch: ~71 min, 6 epochs ~84, before contention); the measured curve (docs/plateau.json) still rises
+    # at 10 epochs, so the cells are not trained to a plateau (epochs_source says so in the report)
+    epochs: int = 5
+    # images per batch of every cell (params.yaml: 128). 2,000 train images at 128 give 16 updates an epoch, too few
+    # to train in the budget's epochs: a smaller batch gives more updates for the same compute (docs/DESIGN.md)
+    images_per_batch: int = 32
     limit_batches: int | None = None
     seeds: int = 3  # every grid; pairs cells by seed in the verdict (pipeline.study_stats)
     k_values: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
@@ -56,11 +59,11 @@ class StudySettings:
     # None = the full similarity x head product; else the listed (similarity, head) pairs. Default: the six the
     # paper reports, the only ones its Table 3 claims compare
     pairs: tuple[tuple[str, str], ...] | None = tuple(PAPER_SIMILARITY_X_HEAD)
-    plateau_epochs: int = 20  # --grid plateau: the generous length whose validation curve sets ``epochs``
+    plateau_epochs: int = 10  # --grid plateau: the generous length whose validation curve sets ``epochs``
     # where ``epochs`` came from, quoted by the report next to the measured curve (docs/plateau.json)
     epochs_source: str = (
-        "the most that fits the 90-minute budget with 3 seeds (estimate ~74-78 min), not yet set from a measured "
-        "plateau"
+        "the most that fits the 90-minute budget with 3 seeds (estimate ~71-78 min at 32 images per batch); the "
+        "10-epoch curve still rises after it, so this is the budget's count, not a plateau"
     )
 
 
@@ -79,10 +82,12 @@ QUICK = StudySettings(
 
 # --------------------------------------------------------------------------------------------------------- grids
 def study_base(params: Params, settings: StudySettings) -> dict[str, Any]:
-    """params.yaml with the study settings: local-mode training, ``epochs``, embedding of the evaluated split only."""
+    """params.yaml with the study settings: local-mode training, ``epochs``, ``images_per_batch``, embedding of the
+    evaluated split only."""
     data = params.model_dump(mode="json")
     data["train"]["ray"]["num_workers"] = 0
     data["train"]["optim"]["epochs"] = settings.epochs
+    data["train"]["images_per_batch"] = settings.images_per_batch
     data["train"]["limit_batches"] = settings.limit_batches
     data["embed"].update({"splits": [data["evaluate"]["split"]], "save_attention": False})
     return data

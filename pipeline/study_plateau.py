@@ -231,11 +231,12 @@ def section_training_length(
             "",
         ]
     recommended = summary["recommended_epochs"]
-    match = (
-        "the same count"
-        if recommended == epochs
-        else f"**not** what it recommends ({recommended}): set `StudySettings.epochs` from it"
-    )
+    if recommended == epochs:
+        match = "the same count"
+    elif epochs < recommended:
+        match = f"**fewer** than its plateau epoch ({recommended}): these cells are not trained to the plateau"
+    else:
+        match = f"more than its plateau epoch ({recommended})"
     lines.append(
         f"Epochs per cell: **{epochs}** ({source}). The curve in `{summary_path}` was measured by "
         f"`{summary['command']}` at git `{summary['git']}` on {summary['date']}: {match}. Rule: {summary['rule']}."

@@ -334,7 +334,7 @@ def render_report(
         f"- Base model (DivE): D = {model['embed_dim']}, K = {model['num_embeddings']}, head `{model['head']}` "
         f"{json.dumps(model['head_kwargs'])}, similarity `{loss.get('similarity')}` "
         f"{json.dumps(loss.get('similarity_kwargs', {}))}.",
-        f"- Training per cell: {settings.epochs} epochs"
+        f"- Training per cell: {settings.plateau_epochs if grids == ['plateau'] else settings.epochs} epochs"
         + (f" of at most {settings.limit_batches} batches" if settings.limit_batches else "")
         + f", {base['train']['images_per_batch']} images per batch, local mode (one thread per cell); "
         f"seeds {', '.join(str(s) for s in range(settings.seeds))} for every cell of every grid (a cell's seed fixes "

@@ -80,6 +80,8 @@ def test_summary_and_report_sections_name_the_run() -> None:
     assert "`python -m stages.study --grid plateau` at git `abc1234`" in same and "the same count" in same
     assert "DivE reaches a best validation RSUM of 120.0 ± 1.0" in same
     other = "\n".join(section_training_length(summary, 5, "earlier budget", None, "p.json"))
-    assert "**not** what it recommends (3)" in other
+    assert "more than its plateau epoch (3)" in other
+    short = "\n".join(section_training_length(summary, 2, "the budget's", None, "p.json"))
+    assert "**fewer** than its plateau epoch (3): these cells are not trained to the plateau" in short
     missing = "\n".join(section_training_length(None, 5, "earlier budget", None, "docs/plateau.json"))
     assert "No validation curve has been measured yet" in missing and "--grid plateau" in missing
