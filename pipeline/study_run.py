@@ -62,6 +62,7 @@ def run_study(
     from pipeline.training import features_fingerprint
 
     start, started_at, load = time.perf_counter(), time.time(), os.getloadavg()[0]
+    sha = git_sha()  # the code that trains, read before the run: a commit made while it runs is not it
     base = study_base(params, settings)
     cells = [c for g in grids for c in build_grid(g, base, settings, profiles_dir)]  # validate before any work
     features = ensure_features(params, Path(features or params.paths.features))
@@ -82,7 +83,7 @@ def run_study(
                 "started": datetime.fromtimestamp(started_at, UTC).isoformat(timespec="seconds"),
                 "wall_seconds": round(time.perf_counter() - start, 1),
                 "command": command,
-                "sha": git_sha(),
+                "sha": sha,
                 "load": round(load, 2),
                 "workers": workers,
                 "grids": grids,
