@@ -308,28 +308,58 @@ def _execute_on_ray(
 
 
 # ------------------------------------------------------------------------------------------------------ run log
-RUNS_LOG = "runs.jsonl"  # in the cache: one line per invocation that trained cells, so a cached rerun still knows
+RUNS_LOG = "runs.jsonl"  # in the cache: one line per invocation, then one per cell it finished, so a rerun still knows
 
 
-def log_run(cache: str | os.PathLike, entry: dict[str, Any]) -> None:
-    """Append one invocation (``trained``: the fingerprints it trained, ``wall_seconds``, ``command``, ...)."""
-    path = Path(cache) / RUNS_LOG
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(entry, sort_keys=True) + "\n")
+class RunLog:
+    """Appends an invocation of the study and each cell it finishes to ``<cache>/runs.jsonl``.
+
+    Written as the run goes (not at its end), so a killed run still counts up to the last cell it finished; a line cut
+    by the kill is skipped when read (``runs_that_trained``).
+    """
+
+    def __init__(self, cache: str | os.PathLike, *, start: float | None = None, **header: Any) -> None:
+        """``start``: the invocation's ``time.perf_counter()`` at its beginning (default now); ``header``: what the
+        log says of the invocation (command, commit, load, ...)."""
+        self.path = Path(cache) / RUNS_LOG
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.id = f"{time.time_ns():x}-{os.getpid()}"
+        self._start = time.perf_counter() if start is None else start
+        self._append({"run": self.id, **header})
+
+    def trained(self, fingerprint: str) -> None:
+        """Record that ``fingerprint`` finished, with the seconds since the invocation started."""
+        self._append({"run": self.id, "trained": fingerprint, "seconds": round(time.perf_counter() - self._start, 1)})
+
+    def _append(self, entry: dict[str, Any]) -> None:
+        with self.path.open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            cut = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"  # a kill cut the last line
+            f.write((b"\n" if cut else b"") + json.dumps(entry, sort_keys=True).encode() + b"\n")
 
 
 def runs_that_trained(cache: str | os.PathLike, fingerprints: Iterable[str]) -> list[dict[str, Any]]:
-    """The logged invocations that trained any of ``fingerprints``, oldest first (unreadable lines skipped)."""
+    """The logged invocations that trained any of ``fingerprints``, oldest first: each its header plus ``trained``
+    (fingerprints) and ``wall_seconds`` (to the last cell it finished). Unreadable lines are skipped."""
     path, wanted = Path(cache) / RUNS_LOG, set(fingerprints)
     if not path.is_file():
         return []
-    runs = []
+    runs: dict[str, dict[str, Any]] = {}
     for line in path.read_text().splitlines():
         try:
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
-        if isinstance(entry, dict) and wanted & set(entry.get("trained", [])):
-            runs.append(entry)
-    return runs
+        if not isinstance(entry, dict):
+            continue
+        if isinstance(entry.get("trained"), list):  # 41ba5ba-2403b2e: one line per invocation, at its end
+            runs[f"line{len(runs)}"] = entry
+        elif "run" not in entry:
+            continue
+        elif "trained" not in entry:
+            runs[entry["run"]] = {**entry, "trained": [], "wall_seconds": 0.0}
+        elif entry["run"] in runs:
+            run = runs[entry["run"]]
+            run["trained"].append(entry["trained"])
+            run["wall_seconds"] = max(run["wall_seconds"], float(entry.get("seconds", 0.0)))
+    return [run for run in runs.values() if wanted & set(run["trained"])]

@@ -16,7 +16,7 @@ from typing import Any
 from pipeline.cli import git_sha
 from pipeline.params import Params
 from pipeline.profiles import PROFILES_DIR
-from pipeline.study import JobOutcome, execute, log_run, plan, runs_that_trained
+from pipeline.study import JobOutcome, RunLog, execute, plan, runs_that_trained
 from pipeline.study_grid import (
     GRIDS,
     StudySettings,
@@ -61,7 +61,8 @@ def run_study(
     """
     from pipeline.training import features_fingerprint
 
-    start, started_at, load = time.perf_counter(), time.time(), os.getloadavg()[0]
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     sha = git_sha()  # the code that trains, read before the run: a commit made while it runs is not it
     base = study_base(params, settings)
     cells = [c for g in grids for c in build_grid(g, base, settings, profiles_dir)]  # validate before any work
@@ -70,26 +71,16 @@ def run_study(
     relevance = params.paths.relevance or None
     cells, jobs = plan(cells, cache, features=features, features_digest=digest, relevance=relevance)
 
+    log = RunLog(cache, start=start, started=started, command=command, sha=sha, load=round(load, 2), workers=workers,
+                 grids=grids)  # fmt: skip
+
     def progress(outcome: JobOutcome, finished: int, total: int) -> None:
         state = "FAILED " + outcome.error if outcome.error else f"{outcome.seconds:.0f} s"
         logger.warning("[%d/%d] %s: %s", finished, total, ", ".join(outcome.job.labels), state)
+        if outcome.error is None:
+            log.trained(outcome.job.fingerprint)
 
     outcomes = execute(jobs, run_cell, workers=workers, quiet=quiet, on_done=progress)
-    trained = [o.job.fingerprint for o in outcomes if not o.cached and o.error is None]
-    if trained:
-        log_run(
-            cache,
-            {
-                "started": datetime.fromtimestamp(started_at, UTC).isoformat(timespec="seconds"),
-                "wall_seconds": round(time.perf_counter() - start, 1),
-                "command": command,
-                "sha": sha,
-                "load": round(load, 2),
-                "workers": workers,
-                "grids": grids,
-                "trained": trained,
-            },
-        )
     runs = runs_that_trained(cache, [job.fingerprint for job in jobs])
     estimate = estimate_default_study(outcomes, params, features, digest, max(workers, 1), profiles_dir)
     text = render_report(

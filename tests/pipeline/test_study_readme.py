@@ -3,11 +3,13 @@ block; pipeline/study.py's run log keeps the wall time of the invocations that t
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 import pytest
 
-from pipeline.study import Cell, Variant, log_run, runs_that_trained
+from pipeline.study import Cell, RunLog, Variant, runs_that_trained
 from pipeline.study_readme import BEGIN, END, replace_block, summary_block, update_readme
 
 SEEDS = (0, 1, 2)
@@ -69,10 +71,24 @@ def test_replace_block_keeps_the_rest_byte_for_byte(tmp_path: Path) -> None:
 
 
 def test_run_log_finds_the_invocations_that_trained_the_cells(tmp_path: Path) -> None:
-    log_run(tmp_path, {**RUN, "trained": ["a", "b"]})
-    log_run(tmp_path, {**RUN, "trained": ["c"], "wall_seconds": 60.0})
+    header = {k: v for k, v in RUN.items() if k != "wall_seconds"}
+    first = RunLog(tmp_path, start=time.perf_counter() - 100.0, **header)  # began 100 s ago
+    first.trained("a")
+    first.trained("b")
+    second = RunLog(tmp_path, **header)
+    second.trained("c")
     with (tmp_path / "runs.jsonl").open("a") as f:
-        f.write('{"trained": ["a"], "cut by a ki')  # a kill mid-write
-    assert [r["wall_seconds"] for r in runs_that_trained(tmp_path, ["a", "c"])] == [4800.0, 60.0]
-    assert [r["trained"] for r in runs_that_trained(tmp_path, ["b"])] == [["a", "b"]]
+        f.write(f'{{"run": "{second.id}", "trained": "a", "seconds": 99')  # killed mid-write: not counted
+    killed = RunLog(tmp_path, **header)  # killed before it finished a cell: trained nothing
+    after = RunLog(tmp_path, **header)  # the next run's lines are not glued to the cut one
+    after.trained("d")
+    runs = runs_that_trained(tmp_path, ["a", "c"])
+    assert [r["trained"] for r in runs] == [["a", "b"], ["c"]] and runs[0]["command"] == RUN["command"]
+    assert 100.0 <= runs[0]["wall_seconds"] < 110.0 and runs[1]["wall_seconds"] < 10.0  # up to its last cell
+    assert [r["run"] for r in runs_that_trained(tmp_path, ["b"])] == [first.id]
+    assert killed.id not in {r["run"] for r in runs_that_trained(tmp_path, ["a", "b", "c"])}
+    assert [r["run"] for r in runs_that_trained(tmp_path, ["d"])] == [after.id]
+    with (tmp_path / "runs.jsonl").open("a") as f:  # the earlier format: one line at the end of an invocation
+        f.write(json.dumps({**RUN, "trained": ["e"]}) + "\n")
+    assert [r["wall_seconds"] for r in runs_that_trained(tmp_path, ["e"])] == [RUN["wall_seconds"]]
     assert runs_that_trained(tmp_path, ["z"]) == [] and runs_that_trained(tmp_path / "none", ["a"]) == []
