@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.study import Cell
-from pipeline.study_verdict import PAPER_MAIN, aggregate, collect, seed_noise, verdict
+from pipeline.study_verdict import aggregate, collect, seed_noise, system_order, verdict
 
 BEGIN = "<!-- study-summary:begin (written by `python -m stages.study --grid all`; edits here are overwritten) -->"
 END = "<!-- study-summary:end -->"
@@ -60,7 +60,7 @@ def summary_block(
         "| system | RSUM | seeds |",
         "|---|---|---|",
     ]
-    for label in PAPER_MAIN:
+    for label in system_order(rows):
         for (grid, row_label, variant), s in sorted(rsum.items()):
             if grid == "main" and row_label == label:
                 name = label if variant == "default" else f"{label} ({variant})"

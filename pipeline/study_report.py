@@ -40,6 +40,7 @@ from pipeline.study_verdict import (
     is_degenerate,
     paired,
     seed_noise,
+    system_order,
     verdict,
 )
 
@@ -131,7 +132,7 @@ MAIN_COLUMNS = (  # (header, metric, digits)
 
 def _section_main(rows: list[Row], grid: str = "main") -> list[str]:
     stats, tied = {m: aggregate(rows, m) for _, m, _ in MAIN_COLUMNS}, _tied(rows)
-    labels = [s for s in PAPER_MAIN if any(r.grid == grid and r.label == s for r in rows)]
+    labels = system_order(rows, grid)
     order = sorted({(r.label, r.variant) for r in rows if r.grid == grid},
                    key=lambda lv: (labels.index(lv[0]), lv[1] != "default"))  # fmt: skip
     body = []

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 
 from pipeline.params import Params
-from pipeline.study import Variant, cell_fingerprint
+from pipeline.study import Cell, Variant, cell_fingerprint
 from pipeline.study_stats import beats_all, best_of, paired, within
 from pipeline.study_verdict import Row, seed_noise, verdict
 
@@ -192,3 +192,28 @@ def test_verdict_tables_3_and_5_are_paired_per_seed() -> None:
     noisier = [r for r in rows if not (r.variant == "image_drop_1" and r.seed == 1)]
     noisier.append(_row("elements", "dive", 308.0, seed=1, variant="image_drop_1"))  # costs 1.0, 2.0, 1.1
     assert verdict(noisier, 2.0)[-1].status == "inconclusive"  # mean 1.4 < σ, but the interval reaches above it
+
+
+def test_every_system_profile_is_in_the_main_table_the_verdict_and_the_readme(tmp_path) -> None:
+    """The 73-minute study of 2403b2e failed at its report: PCME++ was in the main grid but not in the report's
+    system order. Every profile of ``SYSTEM_PROFILES`` must reach the table, the verdict and the README block."""
+    from pipeline.profiles import SYSTEM_PROFILES
+    from pipeline.study_readme import summary_block
+    from pipeline.study_report import _section_main
+
+    values = {name: {s: 100.0 + 10 * i + s for s in range(3)} for i, name in enumerate(SYSTEM_PROFILES)}
+    rows = [row for name, v in values.items() for row in _seeded("main", name, v)]
+    table = "\n".join(_section_main(rows))
+    assert all(f"| {name} | 3 |" in table for name in SYSTEM_PROFILES)
+    every = _claims(rows)["DivE retrieves better than every compared system"]
+    assert all(name in every.evidence for name in SYSTEM_PROFILES)
+    if {"pcme", "pcmepp"} <= set(SYSTEM_PROFILES):
+        assert _claims(rows)["PCME++ improves on PCME, its predecessor"].diff.n == 3
+    cells = [Cell("main", name, {}, seed=s, fingerprint=f"{name}{s}") for name in values for s in range(3)]
+    records = {
+        f"{name}{s}": {"train": {}, "variants": {Variant().key: {"metrics": {"full": {"rsum": v[s]}}}}}
+        for name, v in values.items()
+        for s in range(3)
+    }
+    block = summary_block(cells, records, [], epochs=5, seeds=3, report="docs/results.md")
+    assert all(f"| {name} | " in block for name in SYSTEM_PROFILES)
