@@ -266,12 +266,22 @@ def _section_elements(rows: list[Row]) -> list[str]:
     ]
 
 
-def _section_plateau_run(cells: list[Cell], records: dict, out: Path, command: str) -> list[str]:
-    """The plateau run's curve (PNG + table) and rule; writes the summary the full study quotes (out.json)."""
+def _section_plateau_run(
+    cells: list[Cell], records: dict, out: Path, command: str, runs: list[dict[str, Any]] | None = None
+) -> list[str]:
+    """The plateau run's curve (PNG + table) and rule; writes the summary the full study quotes (out.json).
+
+    The summary names the run that trained the cells (the last of ``runs``, from the cache's run log), not this
+    rendering, so a report regenerated from the cache keeps the commit and date of the measurement.
+    """
     curves = collect_curves(cells, records)
     if not curves:
         return ["## Validation curve and plateau epoch", "", "No cell recorded a validation curve.", ""]
-    summary = plateau_summary(curves, command=command, git=git_sha(), date=f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC")
+    if runs:
+        command, git, date = runs[-1]["command"], runs[-1]["sha"], runs[-1]["started"].replace("T", " ")[:16] + " UTC"
+    else:
+        git, date = git_sha(), f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"
+    summary = plateau_summary(curves, command=command, git=git, date=date)
     plot = plot_curves(curves, plateaus_of(curves), out.parent / out.stem / "val_rsum_curve.png")
     write_summary(summary, out.with_suffix(".json"))
     return section_plateau(summary, os.path.relpath(plot, out.parent))
@@ -397,7 +407,7 @@ def render_report(
     lines += _section_sweeps(rows, plots, out.parent)
     lines += _section_elements(rows)
     if "plateau" in grids:
-        lines += _section_plateau_run(cells, records, out, command)
+        lines += _section_plateau_run(cells, records, out, command, runs)
     if not any(g in grids for g in (*GRIDS, "smoke")):
         return "\n".join(lines)
     claims = verdict(rows, noise)

@@ -83,6 +83,8 @@ def test_plateau_grid_records_the_validation_curve_and_the_study_quotes_it(tmp_p
     records = [read_record(d) for d in cache.iterdir() if d.is_dir()]  # beside them: the run log
     assert all(len(r["train"]["val_rsum"]) == 3 and r["params"]["train"]["optim"]["epochs"] == 3 for r in records)
     plateau = json.loads((tmp_path / "docs" / "plateau.json").read_text())
+    (run,) = runs_that_trained(cache, [r["fingerprint"] for r in records])
+    assert plateau["git"] == run["sha"] and plateau["date"] == run["started"].replace("T", " ")[:16] + " UTC"
     assert sorted(plateau["systems"]) == ["dive", "vsepp"] and 1 <= plateau["recommended_epochs"] <= 3
     assert all(len(s["mean"]) == 3 and s["seeds"] == 2 for s in plateau["systems"].values())
     report = out.read_text()
