@@ -152,7 +152,7 @@ def _section_main(rows: list[Row], grid: str = "main") -> list[str]:
         "model: `mean_samples` = mean cosine over its J × J samples, `mu_only` = its means only. R-P / mAP@R use the "
         "exhaustive relevance of the shapes test split (captions as queries). ln CV is −∞ (shown –) for one-element "
         "sets (VSE++). Paper: ResNet-152 + bi-GRU (F30K Table 2, COCO 1K Table 1); MaxMatch has no verified paper "
-        "numbers.",
+        "numbers, PCME++ none in this protocol (it reports CLIP backbones).",
         "",
         *_table(header, body),
         "",
