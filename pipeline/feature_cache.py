@@ -196,6 +196,21 @@ def _text_kwargs(extract: ExtractParams, inputs: _Inputs, out: Path, limit: int 
     return {"vocab": str(vocab_path)}
 
 
+def store_fingerprint(
+    extract: ExtractParams, dataset_json: Path, image_root: Path, precomp_root: Path | None, limit: int | None = None
+) -> tuple[str, Any]:
+    """The fingerprint a store extracted with ``extract`` from this data would carry, and the resolved `Compute`.
+
+    Raises:
+        FileNotFoundError, ParamsError: the input data cannot be signed (``data_signature``).
+    """
+    from pipeline.devices import resolve_compute
+
+    compute = resolve_compute(extract.device, extract.precision)
+    signature = data_signature(extract, dataset_json, image_root, precomp_root)
+    return fingerprint(extract, limit, signature, compute), compute
+
+
 def store_image_transform(attrs: dict[str, Any]) -> str | None:
     """The ``image_transform`` a store's root ``attrs`` record (stores from before the param: ``center_crop``;
     precomputed regions: None, no pixels)."""
@@ -205,8 +220,9 @@ def store_image_transform(attrs: dict[str, Any]) -> str | None:
 
 
 def extraction_mismatch(extract: ExtractParams, attrs: dict[str, Any]) -> list[str]:
-    """What differs between ``extract`` and the store that ``attrs`` describe: ``["image_transform: store resize,
-    params center_crop", ...]`` over the backbones and the test-time transform; empty when they agree."""
+    """The readable part of a fingerprint mismatch: what differs between ``extract`` and the store that ``attrs``
+    describe over the backbones and the test-time transform (``["image_transform: store resize, params
+    center_crop", ...]``); empty when those agree (the difference is then elsewhere: other params or data)."""
     wanted = {
         "image_backbone": extract.image_backbone,
         "text_backbone": extract.text_backbone,
@@ -241,15 +257,12 @@ def run_extract(
         ParamsError: inconsistent source options (exit 2).
         FileNotFoundError, ValueError, StageError: missing inputs or weights, bad images or captions (exit 1).
     """
-    from pipeline.devices import resolve_compute
     from pipeline.extract_workers import WorkerPool
     from pipeline.extraction import run_extraction
     from setemb.feature_store import FeatureStoreWriter
 
-    signature = data_signature(extract, dataset_json, image_root, precomp_root)
-    compute = resolve_compute(extract.device, extract.precision)
+    fp, compute = store_fingerprint(extract, dataset_json, image_root, precomp_root, limit)
     logger.info("extraction computes on %s", compute.label)
-    fp = fingerprint(extract, limit, signature, compute)
     status = _prepare_store(out, fp)
     summary = ExtractSummary(out, fp, status)
     if status == "complete":

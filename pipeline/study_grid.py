@@ -284,41 +284,48 @@ def run_cell(job: CellJob) -> dict[str, Any]:
 def ensure_features(params: Params, features: Path) -> Path:
     """The feature store, extracted first (and the shapes dataset generated) when absent or incomplete.
 
-    An existing complete store is reused without re-extracting, but only when its backbones and test-time transform
-    are the ones ``params.extract`` names.
+    An existing complete store is reused without re-extracting (the study never overwrites a store), but only when it
+    carries the fingerprint that ``params.extract`` and the data give (``pipeline.feature_cache.store_fingerprint``,
+    what ``run_extract`` itself checks); when the data cannot be read to sign it, its backbones and test-time
+    transform must at least match.
 
     Raises:
-        ParamsError: the store was extracted with other backbones or another ``image_transform``.
+        ParamsError: the store was extracted with other params or from other data.
     """
-    from pipeline.feature_cache import extraction_mismatch, run_extract
+    from pipeline.feature_cache import extraction_mismatch, run_extract, store_fingerprint
     from pipeline.shapes import run_prepare
     from setemb.feature_store import FeatureStore
     from setemb.store import IncompleteStoreError
 
+    paths = params.paths
+    dataset_json = Path(paths.dataset_json)
+    precomp_root = Path(paths.precomp_root) if paths.precomp_root else None
     try:
         store = FeatureStore.open(features)
     except (FileNotFoundError, IncompleteStoreError):
         store = None
     if store is not None:
-        if differences := extraction_mismatch(params.extract, dict(store.attrs)):
+        attrs = dict(store.attrs)
+        differences = extraction_mismatch(params.extract, attrs)
+        if not differences:
+            try:
+                expected, _ = store_fingerprint(params.extract, dataset_json, Path(paths.image_root), precomp_root)
+                if attrs.get("fingerprint") != expected:
+                    differences = [f"fingerprint: store {attrs.get('fingerprint')}, params and data {expected}"]
+            except (FileNotFoundError, ParamsError):
+                logger.warning("cannot read the data behind %s to check its fingerprint: reusing it", features)
+        if differences:
             raise ParamsError(
                 f"feature store {features} does not match params.yaml ({'; '.join(differences)}): re-extract it "
                 "(dvc repro extract) or pass --features with a matching store"
             )
         return features
-    paths = params.paths
-    dataset_json = Path(paths.dataset_json)
     if params.extract.source == "karpathy" and not dataset_json.is_file() and dataset_json.parent == Path(paths.shapes):
         logger.info("no dataset at %s: generating the shapes dataset", dataset_json)
         run_prepare(params, Path(paths.shapes))
     logger.info("no complete feature store at %s: extracting it once for the whole study", features)
-    run_extract(
-        params.extract,
-        features,
-        dataset_json=dataset_json,
-        image_root=Path(paths.image_root),
-        precomp_root=Path(paths.precomp_root) if paths.precomp_root else None,
-    )
+    image_root = Path(paths.image_root)
+    run_extract(params.extract, features, dataset_json=dataset_json, image_root=image_root, precomp_root=precomp_root)
     return features
 
 

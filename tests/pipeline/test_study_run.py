@@ -101,7 +101,8 @@ def test_plateau_grid_records_the_validation_curve_and_the_study_quotes_it(tmp_p
 
 def test_a_store_extracted_otherwise_is_refused_not_silently_reused(tmp_path: Path, tiny: Path) -> None:
     """The study reuses the complete store at paths.features only when its backbones and test-time transform are
-    the ones params.yaml names (issue #10 part 4: a resize study must not train on centre-cropped features)."""
+    the ones params.yaml names, i.e. when it carries the fingerprint params and data give (issue #10 part 4: a resize
+    study must not train on centre-cropped features)."""
     from pipeline.feature_cache import extraction_mismatch
     from pipeline.params import ParamsError
     from pipeline.study_grid import ensure_features
@@ -118,6 +119,11 @@ def test_a_store_extracted_otherwise_is_refused_not_silently_reused(tmp_path: Pa
     assert extraction_mismatch(params.extract, legacy) == []
     with pytest.raises(ParamsError, match=r"does not match params.yaml \(image_transform: store center_crop"):
         ensure_features(resize, features)
+    # same backbones and transform, other stored values (cache dtype): the fingerprint tells, as in run_extract
+    other_dtype = "float32" if params.extract.dtype == "float16" else "float16"
+    other = params.model_copy(update={"extract": params.extract.model_copy(update={"dtype": other_dtype})})
+    with pytest.raises(ParamsError, match=r"\(fingerprint: store \w+, params and data \w+\)"):
+        ensure_features(other, features)
     with pytest.raises(ParamsError, match="image_transform: store center_crop, params resize"):
         run_study(resize, grids=["smoke"], settings=StudySettings(epochs=1, limit_batches=2, seeds=1),
                   cache=tmp_path / "cache", out=tmp_path / "results.md", workers=0)  # fmt: skip
