@@ -350,13 +350,9 @@ def runs_that_trained(cache: str | os.PathLike, fingerprints: Iterable[str]) -> 
             entry = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut by a kill mid-write
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or "run" not in entry:
             continue
-        if isinstance(entry.get("trained"), list):  # 41ba5ba-2403b2e: one line per invocation, at its end
-            runs[f"line{len(runs)}"] = entry
-        elif "run" not in entry:
-            continue
-        elif "trained" not in entry:
+        if "trained" not in entry:
             runs[entry["run"]] = {**entry, "trained": [], "wall_seconds": 0.0}
         elif entry["run"] in runs:
             run = runs[entry["run"]]

@@ -75,10 +75,7 @@ def summary_block(
     for status in STATUSES:
         if counts[status]:
             lines.append(f"- *{status}* ({len(counts[status])}):")
-            for c in counts[status]:
-                digits = 2 if "ln circular" in c.claim else 1
-                delta = "" if c.diff is None or c.diff.mean is None else f" — {c.diff.format(digits).split(' (')[0]}"
-                lines.append(f"  - {c.claim}{delta}")
+            lines += [f"  - {c.claim}" + (f" — {c.delta()}" if c.delta() else "") for c in counts[status]]
     return "\n".join(lines)
 
 

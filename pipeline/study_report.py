@@ -444,7 +444,7 @@ def render_report(
                     f"**{c.status}**",
                     c.source,
                     c.claim,
-                    "–" if c.diff is None else c.diff.format(2 if "ln circular" in c.claim else 1).split(" (")[0],
+                    c.delta() or ("–" if c.diff is None else c.diff.format()),
                     "–" if c.diff is None else str(c.diff.n),
                     c.evidence.replace("|", "/"),
                 ]

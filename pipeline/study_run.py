@@ -49,9 +49,10 @@ def run_study(
 ) -> dict[str, Any]:
     """Build the grids, run the missing cells, write the report ``out`` (with its plots beside it).
 
-    Every invocation that trains cells is appended to ``<cache>/runs.jsonl``, so a report regenerated from the cache
-    still states how long its cells took. ``readme``: a full study (every grid of ``GRIDS``, not ``quick``) rewrites
-    that file's summary block (``pipeline.study_readme``); other runs leave it alone.
+    Every invocation, and each cell it finishes, is logged in ``<cache>/runs.jsonl`` (``pipeline.study.RunLog``), so a
+    report regenerated from the cache, or a study resumed after a kill, still states how long its cells took.
+    ``readme``: a full study (every grid of ``GRIDS``, not ``quick``) rewrites that file's summary block
+    (``pipeline.study_readme``); other runs leave it alone.
 
     Returns:
         ``{"cells": distinct cells, "ran": run now, "cached": read from the cache, "failed": [labels], "out": out}``.

@@ -173,6 +173,12 @@ class Claim:
     evidence: str
     diff: Paired | None = None
 
+    def delta(self) -> str | None:
+        """The deciding difference as the tables print it (``Δ +3.2 ± 1.1``; ln CV claims to 2 digits), or None."""
+        if self.diff is None or self.diff.mean is None:
+            return None
+        return self.diff.format(2 if "ln circular" in self.claim else 1).split(" (")[0]
+
 
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"

@@ -3,7 +3,6 @@ block; pipeline/study.py's run log keeps the wall time of the invocations that t
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -88,7 +87,4 @@ def test_run_log_finds_the_invocations_that_trained_the_cells(tmp_path: Path) ->
     assert [r["run"] for r in runs_that_trained(tmp_path, ["b"])] == [first.id]
     assert killed.id not in {r["run"] for r in runs_that_trained(tmp_path, ["a", "b", "c"])}
     assert [r["run"] for r in runs_that_trained(tmp_path, ["d"])] == [after.id]
-    with (tmp_path / "runs.jsonl").open("a") as f:  # the earlier format: one line at the end of an invocation
-        f.write(json.dumps({**RUN, "trained": ["e"]}) + "\n")
-    assert [r["wall_seconds"] for r in runs_that_trained(tmp_path, ["e"])] == [RUN["wall_seconds"]]
     assert runs_that_trained(tmp_path, ["z"]) == [] and runs_that_trained(tmp_path / "none", ["a"]) == []
