@@ -44,13 +44,13 @@ SIMILARITY_KWARGS = {  # what each similarity is trained with in Table 3
 class StudySettings:
     """Sizes of one study run: training length and grid values."""
 
-    # 4 = the most that fits the 90-minute budget at 3 seeds and 8 images per batch (benchmarks/bench_study_step.py
-    # --contention 1.1: ~78 min, 5 epochs ~96); docs/plateau.json has the curve it is checked against
-    epochs: int = 4
-    # images per batch of every cell (params.yaml: 128). The 2,000 train images give 250 updates an epoch at 8; larger
-    # batches learn slower per epoch on `shapes` (docs/DESIGN.md "Study verdicts": 32 -> 176.9, 8 -> 266.2 test RSUM
-    # after 4 epochs) and hold more in-batch false negatives for the hardest-negative triplet
-    images_per_batch: int = 8
+    # 5 = the most that fits the 90-minute budget at 3 seeds and 16 images per batch (benchmarks/bench_study_step.py);
+    # whether the cells reach the plateau of the longer curve (docs/plateau.json) the report computes
+    epochs: int = 5
+    # images per batch of every cell (params.yaml: 128). On `shapes` a smaller batch learns more per epoch (more
+    # updates, fewer in-batch false negatives for the hardest-negative triplet: docs/DESIGN.md "Study verdicts");
+    # 16 saturates within the budget's epochs, 8 climbs higher but past the budget
+    images_per_batch: int = 16
     limit_batches: int | None = None
     seeds: int = 3  # every grid; pairs cells by seed in the verdict (pipeline.study_stats)
     k_values: tuple[int, ...] = (1, 2, 3, 4, 5, 6)
@@ -62,8 +62,7 @@ class StudySettings:
     plateau_epochs: int = 8  # --grid plateau: the generous length whose validation curve sets ``epochs``
     # where ``epochs`` came from, quoted by the report next to the measured curve (docs/plateau.json)
     epochs_source: str = (
-        "the most that fits the 90-minute budget with 3 seeds at 8 images per batch (benchmarks/bench_study_step.py: "
-        "~78 min, 5 epochs ~96)"
+        "the most that fits the 90-minute budget with 3 seeds at 16 images per batch (benchmarks/bench_study_step.py)"
     )
 
 
