@@ -10,10 +10,10 @@ from pipeline.study_plateau import (
     collect_curves,
     plateau_epoch,
     plateau_summary,
+    reaches_plateau,
     section_plateau,
     section_training_length,
 )
-from pipeline.study_stats import Stat
 
 
 def _seeds(curve: list[float], offsets: tuple[float, ...] = (0.0, 3.0, -2.0)) -> dict[int, list[float]]:
@@ -76,12 +76,38 @@ def test_summary_and_report_sections_name_the_run() -> None:
     text = "\n".join(section_plateau(summary, "plateau/val_rsum_curve.png"))
     assert "**3 epochs**" in text and "![validation RSUM per epoch](plateau/val_rsum_curve.png)" in text
     assert "| 3 | **121.0 ± 1.0** | 81.5 ± 1.0 |" in text  # the table bolds each system's plateau epoch
-    same = "\n".join(section_training_length(summary, 3, "set from docs/plateau.json", Stat(120.0, 1.0, 3), "p.json"))
+    assert summary["systems"]["dive"]["per_seed"]["2"] == [62.0, 102.0, 121.0, 123.0]
+    same = "\n".join(section_training_length(summary, 3, "set from docs/plateau.json", {}, "p.json"))
     assert "`python -m stages.study --grid plateau` at git `abc1234`" in same and "the same count" in same
-    assert "DivE reaches a best validation RSUM of 120.0 ± 1.0" in same
-    other = "\n".join(section_training_length(summary, 5, "earlier budget", None, "p.json"))
+    assert "No check of the cells against the curve" in same
+    other = "\n".join(section_training_length(summary, 5, "earlier budget", {}, "p.json"))
     assert "more than its plateau epoch (3)" in other
-    short = "\n".join(section_training_length(summary, 2, "the budget's", None, "p.json"))
-    assert "**fewer** than its plateau epoch (3): these cells are not trained to the plateau" in short
+    # a 2-epoch schedule whose cells end at the curve's level (its annealing catches up): trained to the plateau
+    reached = "\n".join(section_training_length(summary, 2, "the budget's", {0: 121.0, 1: 122.5, 2: 122.0}, "p.json"))
+    assert "fewer than its plateau epoch (3)" in reached and "**the cells are trained to the plateau**" in reached
+    assert "best validation RSUM of 121.8 ± 0.8 over 3 seeds" in reached and "best epoch mean of 121.8" in reached
+    # cells that stop where the long curve was after epoch 2: every seed gains ~20 later, so not trained to it
+    short = "\n".join(section_training_length(summary, 2, "the budget's", {0: 100.0, 1: 101.0, 2: 102.0}, "p.json"))
+    assert "**the cells are not trained to the plateau**" in short and "its epoch 4 minus the cells" in short
     missing = "\n".join(section_training_length(None, 5, "earlier budget", None, "docs/plateau.json"))
     assert "No validation curve has been measured yet" in missing and "--grid plateau" in missing
+
+
+def test_reaches_plateau_pairs_the_short_schedule_with_every_epoch_of_the_curve() -> None:
+    curve = {0: [50.0, 100.0, 110.0], 1: [52.0, 103.0, 112.0], 2: [49.0, 99.0, 111.0]}
+    level = reaches_plateau(curve, {0: 110.5, 1: 111.0, 2: 110.0})
+    assert level.reached and level.gain_epoch == 3 and level.best_mean == pytest.approx(111.0)
+    # within 1% of the best epoch (110.45 vs 111.0), but every seed's epoch 3 beats it by 0.50-0.60: the paired
+    # interval excludes 0
+    beaten = reaches_plateau(curve, {0: 109.5, 1: 111.4, 2: 110.45})
+    assert not beaten.reached and beaten.gain is not None and beaten.gain.low > 0
+    # far below on average, though one seed is above: (a) fails
+    assert not reaches_plateau(curve, {0: 80.0, 1: 115.0, 2: 70.0}).reached
+    # above the curve: reached, the gain negative
+    above = reaches_plateau(curve, {0: 120.0, 1: 121.0, 2: 119.0})
+    assert above.reached and above.gain.mean < 0
+    # one seed: no interval, only (a)
+    assert reaches_plateau({0: [50.0, 100.0]}, {0: 99.5}).reached
+    assert not reaches_plateau({0: [50.0, 100.0]}, {0: 95.0}).reached
+    # no cells: not reached, nothing to compare
+    assert not reaches_plateau(curve, {}).reached
