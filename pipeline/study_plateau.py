@@ -145,6 +145,17 @@ class ScheduleCheck:
     best_mean: float  # the highest mean of the long curve's epochs
     gain: Paired | None  # the long curve's best epoch minus the short cells, paired by seed
     gain_epoch: int | None
+    curve_epochs: int
+
+    def describe(self) -> str:
+        """One sentence: the numbers and the computed answer (report and README)."""
+        short = f"{self.short.format()} over {self.short.n} seeds" if self.short else "no value"
+        gain = "" if self.gain is None else f"; its epoch {self.gain_epoch} minus the cells: {self.gain.format()}"
+        answer = f"**the cells are {'' if self.reached else 'not '}trained to the plateau**"
+        return (
+            f"the main grid's DivE reaches a best validation RSUM of {short}, against a best epoch mean of "
+            f"{self.best_mean:.1f} on the {self.curve_epochs}-epoch curve{gain}, paired by seed: {answer}"
+        )
 
 
 def reaches_plateau(
@@ -163,13 +174,13 @@ def reaches_plateau(
     means = [s.mean if s is not None else -math.inf for s in curve_stats(curve)]
     short_stat = stat([v for v in short.values() if math.isfinite(v)])
     if short_stat is None or not means:
-        return ScheduleCheck(False, short_stat, max(means, default=-math.inf), None, None)
+        return ScheduleCheck(False, short_stat, max(means, default=-math.inf), None, None, len(means))
     best = max(max(means), short_stat.mean)
     gains = {e: paired(_at(curve, e), short) for e in range(1, len(means) + 1)}
     beaten = any(g.status == HOLDS for g in gains.values())
     gain_epoch = max(gains, key=lambda e: gains[e].mean if gains[e].mean is not None else -math.inf)
     close = short_stat.mean >= best - tolerance * abs(best)
-    return ScheduleCheck(close and not beaten, short_stat, max(means), gains[gain_epoch], gain_epoch)
+    return ScheduleCheck(close and not beaten, short_stat, max(means), gains[gain_epoch], gain_epoch, len(means))
 
 
 def plateaus_of(curves: Curves, tolerance: float = PLATEAU_TOLERANCE) -> dict[str, Plateau]:
@@ -288,24 +299,24 @@ def section_training_length(
         f"Epochs per cell: **{epochs}** ({source}). The curve in `{summary_path}` was measured by "
         f"`{summary['command']}` at git `{summary['git']}` on {summary['date']}: {match}. Rule: {summary['rule']}."
     )
-    dive = summary["systems"].get("dive")
-    per_seed = {int(seed): curve for seed, curve in (dive or {}).get("per_seed", {}).items()}
-    if not per_seed or not main_dive:
+    check = check_cells(summary, main_dive, tolerance)
+    if check is None:
         lines += ["", "No check of the cells against the curve: the summary has no per-seed DivE curve or the main "
                   "grid has no DivE cell."]  # fmt: skip
         return [*lines, ""]
-    check = reaches_plateau(per_seed, main_dive, tolerance)
-    verdict = f"**the cells are {'' if check.reached else 'not '}trained to the plateau**"
-    gain = "" if check.gain is None else f"; its epoch {check.gain_epoch} minus the cells: {check.gain.format()}"
-    short = check.short.format() if check.short else "–"
-    lines += [
-        "",
-        f"Check (the same rule on the cells' own {epochs}-epoch schedule): the main grid's DivE reaches a best "
-        f"validation RSUM of {short} over {len(main_dive)} seeds, against a best "
-        f"epoch mean of {check.best_mean:.1f} on the {dive['epochs']}-epoch curve{gain} (paired by seed, 95% t): "
-        f"{verdict}.",
-    ]
-    return [*lines, ""]
+    return [*lines, "", f"Check (the same rule on the cells' own {epochs}-epoch schedule): {check.describe()}.", ""]
+
+
+def check_cells(
+    summary: Mapping[str, Any] | None, main_dive: Mapping[int, float], tolerance: float = PLATEAU_TOLERANCE
+) -> ScheduleCheck | None:
+    """``reaches_plateau`` of the main grid's DivE cells (``{seed: best val RSUM}``) against the DivE curve of a
+    plateau summary (docs/plateau.json); None when either is missing (or the summary predates per-seed curves)."""
+    dive = ((summary or {}).get("systems") or {}).get("dive") or {}
+    per_seed = {int(seed): curve for seed, curve in dive.get("per_seed", {}).items()}
+    if not per_seed or not main_dive:
+        return None
+    return reaches_plateau(per_seed, main_dive, tolerance)
 
 
 def main_dive_best_val(cells: Sequence[Cell], records: Mapping[str, Mapping[str, Any] | None]) -> dict[int, float]:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.study import Cell
+from pipeline.study_plateau import ScheduleCheck
 from pipeline.study_verdict import aggregate, collect, seed_noise, system_order, verdict
 
 BEGIN = "<!-- study-summary:begin (written by `python -m stages.study --grid all`; edits here are overwritten) -->"
@@ -28,6 +29,7 @@ def summary_block(
     epochs: int,
     seeds: int,
     report: str,
+    plateau: ScheduleCheck | None = None,
 ) -> str:
     """The markdown between the markers (markers excluded).
 
@@ -37,6 +39,8 @@ def summary_block(
         runs: the logged invocations that trained them (``pipeline.study.runs_that_trained``).
         epochs, seeds: the study's training length and seeds per cell.
         report: path of the full report, linked from the block.
+        plateau: whether the cells reach the plateau of the validation curve (``pipeline.study_plateau.check_cells``);
+            None: no curve or no DivE cell, and the block says so.
     """
     rows = collect(list(cells), dict(records))
     rsum = aggregate(rows, "rsum")
@@ -66,7 +70,14 @@ def summary_block(
                 name = label if variant == "default" else f"{label} ({variant})"
                 lines.append(f"| {name} | {s.format(1)} | {s.n} |")
     counts = {status: [c for c in claims if c.status == status] for status in STATUSES}
+    training = (
+        f"Training length, checked against the validation curve of `--grid plateau`: {plateau.describe()}."
+        if plateau
+        else "Training length: not checked against a validation curve (no `--grid plateau` curve with per-seed values)."
+    )
     lines += [
+        "",
+        training,
         "",
         f"Verdict, from paired 95% t-intervals over the seeds: {len(counts['holds'])} of {len(claims)} checked claims "
         f"hold, {len(counts['does not hold'])} do not, {len(counts['inconclusive'])} are inconclusive.",

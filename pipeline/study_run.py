@@ -26,6 +26,7 @@ from pipeline.study_grid import (
     run_cell,
     study_base,
 )
+from pipeline.study_plateau import PLATEAU_SUMMARY, check_cells, main_dive_best_val, read_summary
 from pipeline.study_readme import summary_block, update_readme
 from pipeline.study_report import render_report
 
@@ -103,7 +104,10 @@ def run_study(
     out.write_text(text)
     if readme is not None and set(GRIDS) <= set(grids) and not quick:
         records = {o.job.fingerprint: o.record for o in outcomes}
-        block = summary_block(cells, records, runs, epochs=settings.epochs, seeds=settings.seeds, report=str(out))
+        plateau = check_cells(read_summary(out.parent / PLATEAU_SUMMARY), main_dive_best_val(cells, records))
+        block = summary_block(
+            cells, records, runs, epochs=settings.epochs, seeds=settings.seeds, report=str(out), plateau=plateau
+        )
         try:
             update_readme(readme, block)
             logger.info("README summary rewritten in %s", readme)

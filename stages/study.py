@@ -21,19 +21,17 @@ verdict pairs cells by seed and reads each claim from the 95% t interval of the 
     elements           Table 5: the main DivE model of each seed evaluated with one element at a time and all-but-one,
                        image side and text side
     smoke              two cells (dive, vsepp), one seed, for tests and smoke runs
-    plateau            not part of ``all``: DivE and VSE++ for ``plateau_epochs`` (10; ``--epochs`` sets it) over the
+    plateau            not part of ``all``: DivE and VSE++ for ``plateau_epochs`` (8; ``--epochs`` sets it) over the
                        seeds, recording the validation RSUM after every epoch; writes docs/plateau.md (curve PNG +
                        table, plateau epoch by ``pipeline.study_plateau.plateau_epoch``) and docs/plateau.json, which
                        the full study's report quotes next to the epochs it trained with
 
 Budget (``DEFAULT``): 81 distinct cells (27 per seed x 3 seeds; DivE of each seed is shared by main, Table 3, K=4,
-T=4, alpha=16 and Table 5) of 5 epochs x 63 batches of 32 images (the demo's 2,000 train images; params.yaml's 128
-per batch give too few updates for the budget's epochs), within the 90-minute budget on the 2-core box with 2
-workers: ``benchmarks/bench_study_step.py`` (one-thread CPU seconds per training step of each cost class: DivE 0.31 s,
-K=6 0.43 s, K=1 0.18 s, MaxMatch 0.35 s, VSE++ 0.05 s, ...) gives ~3 min of evaluation + ~13.5 min per epoch:
-~71 min at 5 epochs, ~84 at 6, before contention. ``--grid plateau --epochs 10`` measured the curve (docs/plateau.md):
-it still rises after 5 epochs, so the count is the budget's, not a plateau (docs/DESIGN.md).
-docs/results.md re-estimates it from the batch times measured in the run and records the load at its start.
+T=4, alpha=16 and Table 5), each trained for ``StudySettings.epochs`` epochs of ``images_per_batch`` images (the demo's
+2,000 train images), within the 90-minute budget on the 2-core box with 2 workers. ``benchmarks/bench_study_step.py``
+estimates the wall time from one-thread CPU seconds per training step of each cost class; docs/results.md reports the
+measured one and computes whether the cells reach the plateau of ``--grid plateau``'s longer curve (docs/plateau.md);
+docs/DESIGN.md "Study verdicts" has the numbers behind the batch size and the epochs.
 ``--quick`` (``QUICK``): 2 epochs of at most 4 batches, 2 seeds, K in {1,2,4}, T in {1,4}, alpha in {1,16,64}: 32
 distinct cells, a few minutes; it checks the machinery, not the paper.
 """

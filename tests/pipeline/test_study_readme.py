@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.study import Cell, RunLog, Variant, runs_that_trained
+from pipeline.study_plateau import reaches_plateau
 from pipeline.study_readme import BEGIN, END, replace_block, summary_block, update_readme
 
 SEEDS = (0, 1, 2)
@@ -54,6 +55,25 @@ def test_summary_states_a_resumed_run_and_a_missing_log() -> None:
     resumed = summary_block(cells, records, [RUN, {**RUN, "wall_seconds": 600.0}], epochs=6, seeds=3, report="r.md")
     assert "**90.0 minutes** over 2 invocations (resumed from the cache)" in resumed
     assert "wall time unknown" in summary_block(cells, records, [], epochs=6, seeds=3, report="r.md")
+
+
+def test_summary_states_the_computed_training_length_check() -> None:
+    cells, records = _study()
+    curve = {0: [100.0, 140.0, 150.0], 1: [98.0, 141.0, 152.0], 2: [101.0, 139.0, 151.0]}
+    reached = summary_block(cells, records, [RUN], epochs=2, seeds=3, report="r.md",
+                            plateau=reaches_plateau(curve, {0: 150.5, 1: 151.0, 2: 150.0}))  # fmt: skip
+    assert (
+        "validation curve of `--grid plateau`: the main grid's DivE reaches a best validation RSUM of 150.5" in reached
+    )
+    assert "**the cells are trained to the plateau**" in reached
+    short = summary_block(cells, records, [RUN], epochs=2, seeds=3, report="r.md",
+                          plateau=reaches_plateau(curve, {0: 139.0, 1: 140.0, 2: 138.5}))  # fmt: skip
+    assert (
+        "**the cells are not trained to the plateau**" in short
+        and "its epoch 3 minus the cells: Δ +11.8 ± 1.9" in short
+    )
+    assert "not checked against a validation curve" in summary_block(cells, records, [RUN], epochs=2, seeds=3,
+                                                                     report="r.md")  # fmt: skip
 
 
 def test_replace_block_keeps_the_rest_byte_for_byte(tmp_path: Path) -> None:
