@@ -59,7 +59,7 @@ class StudySettings:
     # None = the full similarity x head product; else the listed (similarity, head) pairs. Default: the six the
     # paper reports, the only ones its Table 3 claims compare
     pairs: tuple[tuple[str, str], ...] | None = tuple(PAPER_SIMILARITY_X_HEAD)
-    plateau_epochs: int = 8  # --grid plateau: the longer schedule whose curve the cells are checked against
+    plateau_epochs: int = 12  # --grid plateau: the longer schedule whose curve the cells are checked against
     # where ``epochs`` came from, quoted by the report next to the measured curve (docs/plateau.json)
     epochs_source: str = (
         "the most that fits the 90-minute budget with 3 seeds at 8 images per batch (benchmarks/bench_study_step.py)"

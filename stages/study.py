@@ -21,7 +21,7 @@ verdict pairs cells by seed and reads each claim from the 95% t interval of the 
     elements           Table 5: the main DivE model of each seed evaluated with one element at a time and all-but-one,
                        image side and text side
     smoke              two cells (dive, vsepp), one seed, for tests and smoke runs
-    plateau            not part of ``all``: DivE and VSE++ for ``plateau_epochs`` (8; ``--epochs`` sets it) over the
+    plateau            not part of ``all``: DivE and VSE++ for ``plateau_epochs`` (12; ``--epochs`` sets it) over the
                        seeds, recording the validation RSUM after every epoch; writes docs/plateau.md (curve PNG +
                        table, plateau epoch by ``pipeline.study_plateau.plateau_epoch``) and docs/plateau.json, which
                        the full study's report quotes next to the epochs it trained with
