@@ -175,12 +175,13 @@ def reaches_plateau(
     short_stat = stat([v for v in short.values() if math.isfinite(v)])
     if short_stat is None or not means:
         return ScheduleCheck(False, short_stat, max(means, default=-math.inf), None, None, len(means))
-    best = max(max(means), short_stat.mean)
+    # the cells as epoch 1 in front of the curve: they reach the plateau when the rule picks that epoch
+    seeds = set(curve) | set(short)
+    ahead = {seed: [short.get(seed), *curve.get(seed, ())] for seed in seeds}
+    reached = plateau_epoch("cells", ahead, tolerance).epoch == 1
     gains = {e: paired(_at(curve, e), short) for e in range(1, len(means) + 1)}
-    beaten = any(g.status == HOLDS for g in gains.values())
     gain_epoch = max(gains, key=lambda e: gains[e].mean if gains[e].mean is not None else -math.inf)
-    close = short_stat.mean >= best - tolerance * abs(best)
-    return ScheduleCheck(close and not beaten, short_stat, max(means), gains[gain_epoch], gain_epoch, len(means))
+    return ScheduleCheck(reached, short_stat, max(means), gains[gain_epoch], gain_epoch, len(means))
 
 
 def plateaus_of(curves: Curves, tolerance: float = PLATEAU_TOLERANCE) -> dict[str, Plateau]:
@@ -267,17 +268,12 @@ def section_plateau(summary: Mapping[str, Any], plot: str | None) -> list[str]:
 
 
 def section_training_length(
-    summary: Mapping[str, Any] | None,
-    epochs: int,
-    source: str,
-    main_dive: Mapping[int, float],
-    summary_path: str,
-    tolerance: float = PLATEAU_TOLERANCE,
+    summary: Mapping[str, Any] | None, epochs: int, source: str, check: ScheduleCheck | None, summary_path: str
 ) -> list[str]:
     """The full study's statement of where its epoch count came from and whether its cells reach the plateau.
 
-    ``main_dive``: ``{seed: best val RSUM}`` of the main grid's DivE cells, checked against the curve's DivE seeds by
-    ``reaches_plateau`` (the verdict is computed, whatever the curve's own plateau epoch says).
+    ``check``: ``check_cells`` of the main grid's DivE against ``summary``'s curve (computed once by the study run,
+    which states the same answer in the README), None when either is missing.
     """
     lines = ["## Training length", ""]
     if summary is None:
@@ -299,7 +295,6 @@ def section_training_length(
         f"Epochs per cell: **{epochs}** ({source}). The curve in `{summary_path}` was measured by "
         f"`{summary['command']}` at git `{summary['git']}` on {summary['date']}: {match}. Rule: {summary['rule']}."
     )
-    check = check_cells(summary, main_dive, tolerance)
     if check is None:
         lines += ["", "No check of the cells against the curve: the summary has no per-seed DivE curve or the main "
                   "grid has no DivE cell."]  # fmt: skip

@@ -17,12 +17,11 @@ from pipeline.study import Cell, JobOutcome
 from pipeline.study_grid import GRIDS, HEADS, SIMILARITIES, StudySettings
 from pipeline.study_plateau import (
     PLATEAU_SUMMARY,
+    ScheduleCheck,
     collect_curves,
-    main_dive_best_val,
     plateau_summary,
     plateaus_of,
     plot_curves,
-    read_summary,
     section_plateau,
     section_training_length,
     write_summary,
@@ -302,8 +301,14 @@ def render_report(
     command: str,
     load: float = 0.0,
     runs: list[dict[str, Any]] | None = None,
+    curve_summary: dict[str, Any] | None = None,
+    plateau: ScheduleCheck | None = None,
 ) -> str:
-    """docs/results.md: setting, wall time, Tables 3-5-shaped tables with the paper's numbers, plots, verdict."""
+    """docs/results.md: setting, wall time, Tables 3-5-shaped tables with the paper's numbers, plots, verdict.
+
+    ``curve_summary`` / ``plateau``: the validation curve the cells are checked against (docs/plateau.json) and the
+    check (``pipeline.study_plateau.check_cells``), for the "Training length" section.
+    """
     records = {o.job.fingerprint: o.record for o in outcomes}
     rows = collect(cells, records)
     plots = {
@@ -389,13 +394,8 @@ def render_report(
         )
     lines.append("")
     if any(g in GRIDS for g in grids):
-        summary_path = out.parent / PLATEAU_SUMMARY
         lines += section_training_length(
-            read_summary(summary_path),
-            settings.epochs,
-            settings.epochs_source,
-            main_dive_best_val(cells, records),
-            str(summary_path),
+            curve_summary, settings.epochs, settings.epochs_source, plateau, str(out.parent / PLATEAU_SUMMARY)
         )
     if failed:
         lines += ["## Failed cells", ""] + [f"- `{o.job.labels[0]}`: {o.error}" for o in failed] + [""]

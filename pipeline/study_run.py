@@ -85,6 +85,9 @@ def run_study(
     outcomes = execute(jobs, run_cell, workers=workers, quiet=quiet, on_done=progress)
     runs = runs_that_trained(cache, [job.fingerprint for job in jobs])
     estimate = estimate_default_study(outcomes, params, features, digest, max(workers, 1), profiles_dir)
+    records = {o.job.fingerprint: o.record for o in outcomes}
+    curve_summary = read_summary(out.parent / PLATEAU_SUMMARY)  # the curve the cells are checked against
+    plateau = check_cells(curve_summary, main_dive_best_val(cells, records))
     text = render_report(
         cells,
         outcomes,
@@ -99,12 +102,12 @@ def run_study(
         command=command,
         load=load,
         runs=runs,
+        curve_summary=curve_summary,
+        plateau=plateau,
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     if readme is not None and set(GRIDS) <= set(grids) and not quick:
-        records = {o.job.fingerprint: o.record for o in outcomes}
-        plateau = check_cells(read_summary(out.parent / PLATEAU_SUMMARY), main_dive_best_val(cells, records))
         block = summary_block(
             cells, records, runs, epochs=settings.epochs, seeds=settings.seeds, report=str(out), plateau=plateau
         )

@@ -7,6 +7,7 @@ import pytest
 
 from pipeline.study import Cell
 from pipeline.study_plateau import (
+    check_cells,
     collect_curves,
     plateau_epoch,
     plateau_summary,
@@ -77,17 +78,27 @@ def test_summary_and_report_sections_name_the_run() -> None:
     assert "**3 epochs**" in text and "![validation RSUM per epoch](plateau/val_rsum_curve.png)" in text
     assert "| 3 | **121.0 ± 1.0** | 81.5 ± 1.0 |" in text  # the table bolds each system's plateau epoch
     assert summary["systems"]["dive"]["per_seed"]["2"] == [62.0, 102.0, 121.0, 123.0]
-    same = "\n".join(section_training_length(summary, 3, "set from docs/plateau.json", {}, "p.json"))
+    same = "\n".join(
+        section_training_length(summary, 3, "set from docs/plateau.json", check_cells(summary, {}), "p.json")
+    )
     assert "`python -m stages.study --grid plateau` at git `abc1234`" in same and "the same count" in same
     assert "No check of the cells against the curve" in same
-    other = "\n".join(section_training_length(summary, 5, "earlier budget", {}, "p.json"))
+    other = "\n".join(section_training_length(summary, 5, "earlier budget", None, "p.json"))
     assert "more than its plateau epoch (3)" in other
     # a 2-epoch schedule whose cells end at the curve's level (its annealing catches up): trained to the plateau
-    reached = "\n".join(section_training_length(summary, 2, "the budget's", {0: 121.0, 1: 122.5, 2: 122.0}, "p.json"))
+    reached = "\n".join(
+        section_training_length(
+            summary, 2, "the budget's", check_cells(summary, {0: 121.0, 1: 122.5, 2: 122.0}), "p.json"
+        )
+    )
     assert "fewer than its plateau epoch (3)" in reached and "**the cells are trained to the plateau**" in reached
     assert "best validation RSUM of 121.8 ± 0.8 over 3 seeds" in reached and "best epoch mean of 121.8" in reached
     # cells that stop where the long curve was after epoch 2: every seed gains ~20 later, so not trained to it
-    short = "\n".join(section_training_length(summary, 2, "the budget's", {0: 100.0, 1: 101.0, 2: 102.0}, "p.json"))
+    short = "\n".join(
+        section_training_length(
+            summary, 2, "the budget's", check_cells(summary, {0: 100.0, 1: 101.0, 2: 102.0}), "p.json"
+        )
+    )
     assert "**the cells are not trained to the plateau**" in short and "its epoch 4 minus the cells" in short
     missing = "\n".join(section_training_length(None, 5, "earlier budget", None, "docs/plateau.json"))
     assert "No validation curve has been measured yet" in missing and "--grid plateau" in missing
