@@ -49,7 +49,7 @@ class StudySettings:
     epochs: int = 4
     # images per batch of every cell (params.yaml: 128). On `shapes` a smaller batch learns more per epoch and per CPU
     # second (more updates, fewer in-batch false negatives for the hardest-negative triplet: docs/DESIGN.md "Study
-    # verdicts"): DivE's test RSUM after 4 epochs, seed 0, is 266.2 at 8, 233.9 at 16, 176.9 at 32
+    # verdicts"): DivE's test RSUM after 4 epochs, seed 0, is 266.2 at 8, 233.9 at 16 (6765058), 176.9 at 32 (4780fac)
     images_per_batch: int = 8
     limit_batches: int | None = None
     seeds: int = 3  # every grid; pairs cells by seed in the verdict (pipeline.study_stats)
